@@ -1,0 +1,33 @@
+"""`thoughtpatch` command line. Each room registers its commands from its own module;
+heavy imports (torch, transformers) happen inside the commands so `--help` stays fast."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from thoughtpatch.errors import ThoughtpatchError
+
+app = typer.Typer(
+    name="thoughtpatch",
+    help="Faithful activation patching for continuous-thought language models (CODI).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Registration order = order in --help.
+from thoughtpatch.cli import model as _model  # noqa: E402,F401
+from thoughtpatch.cli import pairs as _pairs  # noqa: E402,F401
+from thoughtpatch.cli import synth as _synth  # noqa: E402,F401
+from thoughtpatch.cli import toy as _toy  # noqa: E402,F401
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit status 2."""
+    try:
+        app()
+    except ThoughtpatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
