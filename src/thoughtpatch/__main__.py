@@ -1,0 +1,3 @@
+from thoughtpatch.cli import main
+
+main()

@@ -1,0 +1,91 @@
+"""CODI checkpoint files: read (pytorch_model.bin or model.safetensors), write, describe.
+
+Keys follow CODI's `CODI` module: `codi.base_model.model.<HF name>` for the (PEFT-wrapped)
+LM — LoRA-wrapped layers as `<module>.base_layer.*` and `<module>.lora_{A,B}.default.weight` —
+and `prj.{1,3,ln}.*` for the projection.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from thoughtpatch.errors import ThoughtpatchError
+
+LM_PREFIX = "codi.base_model.model."
+LEGACY_PREFIX = "coconut."  # an older name of the same module, accepted as an alias
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # CODI's own order of preference
+SIDECAR = "thoughtpatch.json"
+
+
+def find_checkpoint_file(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in WEIGHT_FILES:
+            if (path / name).is_file():
+                return path / name
+        raise ThoughtpatchError(f"{path}: no {' or '.join(WEIGHT_FILES)} in this directory")
+    raise ThoughtpatchError(f"{path}: checkpoint not found")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    f = find_checkpoint_file(path)
+    try:
+        if f.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(f))
+        else:
+            # weights_only: a pickle from the internet must not be able to run code.
+            sd = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure is a bad file for the user
+        raise ThoughtpatchError(f"{f}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ThoughtpatchError(f"{f}: not a state dict of tensors")
+    return {(k.replace(LEGACY_PREFIX, "codi.", 1) if k.startswith(LEGACY_PREFIX) else k): v for k, v in sd.items()}
+
+
+def read_sidecar(path: str | Path) -> dict:
+    """Optional `thoughtpatch.json` next to the weights (K, answer template, ...)."""
+    d = Path(path)
+    d = d if d.is_dir() else d.parent
+    f = d / SIDECAR
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ThoughtpatchError(f"{f}: malformed JSON at line {e.lineno}: {e.msg}") from None
+
+
+def lora_rank(sd: dict[str, torch.Tensor]) -> int:
+    """r from tensor shapes (lora_A is [r, in]); 0 when the checkpoint has no adapters."""
+    ranks = {v.shape[0] for k, v in sd.items() if ".lora_A." in k}
+    if len(ranks) > 1:
+        raise ThoughtpatchError(f"checkpoint has LoRA adapters of different ranks {sorted(ranks)}")
+    return ranks.pop() if ranks else 0
+
+
+def lora_modules(sd: dict[str, torch.Tensor]) -> set[str]:
+    """Leaf module names that carry adapters (e.g. q_proj, c_attn)."""
+    return {k.split(".lora_A.")[0].rsplit(".", 1)[-1] for k in sd if ".lora_A." in k}
+
+
+def save_codi_checkpoint(out_dir: str | Path, hf_model: torch.nn.Module, prj: torch.nn.Module, sidecar: dict | None = None) -> Path:
+    """Write a plain (LoRA-free) model in CODI's key format as `model.safetensors`."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {LM_PREFIX + k: v for k, v in hf_model.state_dict().items()}
+    sd |= {"prj." + k: v for k, v in prj.state_dict().items()}
+    # safetensors refuses shared storage: the tied LM head is stored as its own copy.
+    sd = {k: v.detach().contiguous().clone() for k, v in sd.items()}
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "codi"})
+    if sidecar is not None:
+        (out / SIDECAR).write_text(json.dumps(sidecar, indent=1) + "\n")
+    return out / "model.safetensors"

@@ -1,0 +1,175 @@
+"""Load a CODI checkpoint (or the organism) into a `CodiModel`.
+
+Recipe (CODI_SPEC §1.5): build the base from its config, resize the embeddings to the
+checkpoint's rows, wrap LoRA with peft (r from tensor shapes, alpha a parameter), build
+`prj` with prj_dim from the weights, load strictly, tie. Only config, tokenizer and the
+non-persistent buffers come from the base; every weight comes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from thoughtpatch.errors import ThoughtpatchError
+from thoughtpatch.model import checkpoint as ckpt
+from thoughtpatch.model.families import family_for
+from thoughtpatch.model.runtime import CodiModel
+
+TOY_DIR = Path(__file__).resolve().parent.parent / "toy"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_model(model: str | Path, base: str | Path | None) -> tuple[Path, str | Path]:
+    """`toy` means the shipped organism; a checkpoint dir with a config.json is its own base."""
+    if str(model) == "toy":
+        if not (TOY_DIR / "config.json").is_file():
+            raise ThoughtpatchError(f"the organism is not installed at {TOY_DIR} (train it: thoughtpatch toy train)")
+        return TOY_DIR, base or TOY_DIR
+    path = Path(model)
+    if not path.exists():
+        raise ThoughtpatchError(f"checkpoint '{model}' not found")
+    if base is None:
+        d = path if path.is_dir() else path.parent
+        if (d / "config.json").is_file():
+            return path, d
+        raise ThoughtpatchError(f"{model}: no config.json beside the checkpoint; pass --base (the base model directory or hub id)")
+    return path, base
+
+
+def _looks_local(base: str | Path) -> bool:
+    s = str(base)
+    return isinstance(base, Path) or s.startswith((".", "/", "~")) or os.sep in s and s.count("/") != 1
+
+
+def load_base_config_and_tokenizer(base: str | Path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    if _looks_local(base) and not Path(base).expanduser().is_dir():
+        raise ThoughtpatchError(f"base model directory '{base}' not found")
+    try:
+        config = AutoConfig.from_pretrained(str(base))
+        tokenizer = AutoTokenizer.from_pretrained(str(base))
+    except Exception as e:  # noqa: BLE001 - hub/network/file errors all mean "no usable base"
+        raise ThoughtpatchError(f"base model '{base}' could not be loaded: {str(e).splitlines()[0]}") from None
+    return config, tokenizer
+
+
+def build_prj(hidden: int, prj_dim: int, layer_norm: bool = True) -> nn.Sequential:
+    """CODI's projection: Dropout(0) → Linear(H,P) → GELU → Linear(P,H) → LayerNorm named `ln`."""
+    prj = nn.Sequential(nn.Dropout(0.0), nn.Linear(hidden, prj_dim), nn.GELU(), nn.Linear(prj_dim, hidden))
+    if layer_norm:
+        prj.add_module("ln", nn.LayerNorm(hidden, eps=1e-5))
+    return prj
+
+
+def _key_list(keys, n: int = 5) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def load_model(
+    model: str | Path = "toy",
+    base: str | Path | None = None,
+    dtype: str | torch.dtype = "float32",
+    lora_alpha: float | None = None,
+    num_thoughts: int | None = None,
+    device: str | torch.device = "cpu",
+) -> CodiModel:
+    """Load a CODI checkpoint (dir or file; `toy` = the organism) on top of a base model."""
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    ckpt_path, base = resolve_model(model, base)
+    sd = ckpt.read_state_dict(ckpt_path)
+    sidecar = ckpt.read_sidecar(ckpt_path)
+    config, tokenizer = load_base_config_and_tokenizer(base)
+    family = family_for(config.model_type)
+
+    lm_sd = {k[len(ckpt.LM_PREFIX):]: v for k, v in sd.items() if k.startswith(ckpt.LM_PREFIX)}
+    prj_sd = {k[len("prj."):]: v for k, v in sd.items() if k.startswith("prj.")}
+    stray = [k for k in sd if not k.startswith((ckpt.LM_PREFIX, "prj."))]
+    if stray:
+        raise ThoughtpatchError(f"{ckpt_path}: unexpected keys: {_key_list(stray)}")
+    emb_key = next((k for k in lm_sd if k.endswith(("embed_tokens.weight", "wte.weight"))), None)
+    if emb_key is None:
+        raise ThoughtpatchError(f"{ckpt_path}: missing keys: no token embedding (…embed_tokens.weight / …wte.weight)")
+    if "1.weight" not in prj_sd:
+        raise ThoughtpatchError(f"{ckpt_path}: missing keys: prj.1.weight (the projection module)")
+    rows, hidden = lm_sd[emb_key].shape
+    v0 = config.vocab_size
+    if rows != v0 + 3:
+        raise ThoughtpatchError(
+            f"{ckpt_path}: shape mismatch: {ckpt.LM_PREFIX}{emb_key} has {rows} rows, expected base vocab {v0} + 3 (pad, bot, eot)"
+        )
+
+    hf = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    hf.resize_token_embeddings(rows, mean_resizing=False)
+    r = ckpt.lora_rank(lm_sd)
+    if r:
+        from peft import LoraConfig, get_peft_model
+
+        targets = sorted(ckpt.lora_modules(lm_sd))
+        unknown = set(targets) - set(family.lora_targets)
+        if unknown:
+            raise ThoughtpatchError(f"{ckpt_path}: unexpected LoRA targets {sorted(unknown)} for a {family.name} model")
+        alpha = lora_alpha if lora_alpha is not None else sidecar.get("lora_alpha", 32.0)
+        lcfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none", task_type="CAUSAL_LM")
+        net = get_peft_model(hf, lcfg)
+        # peft names the wrapped LM `base_model.model.`; CODI's prefix already stripped that.
+        lm_sd = {"base_model.model." + k: v for k, v in lm_sd.items()}
+    else:
+        net = hf
+
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in lm_sd]
+    tied_head = [k for k in missing if k.endswith("lm_head.weight")] if config.tie_word_embeddings else []
+    missing = [k for k in missing if k not in tied_head]
+    unexpected = [k for k in lm_sd if k not in expected]
+    strip = "base_model.model." if r else ""
+    if missing:
+        raise ThoughtpatchError(f"{ckpt_path}: missing keys: {_key_list(ckpt.LM_PREFIX + k[len(strip):] for k in missing)}")
+    if unexpected:
+        raise ThoughtpatchError(f"{ckpt_path}: unexpected keys: {_key_list(ckpt.LM_PREFIX + k[len(strip):] for k in unexpected)}")
+    for k, v in lm_sd.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ThoughtpatchError(
+                f"{ckpt_path}: shape mismatch at {ckpt.LM_PREFIX}{k[len(strip):]}: checkpoint {list(v.shape)}, model {list(expected[k].shape)}"
+            )
+    net.load_state_dict({k: v.float() for k, v in lm_sd.items()}, strict=False)
+    net.tie_weights() if hasattr(net, "tie_weights") else hf.tie_weights()
+
+    prj_dim = prj_sd["1.weight"].shape[0]
+    prj = build_prj(hidden, prj_dim, layer_norm="ln.weight" in prj_sd)
+    exp_prj = prj.state_dict()
+    miss = [f"prj.{k}" for k in exp_prj if k not in prj_sd]
+    extra = [f"prj.{k}" for k in prj_sd if k not in exp_prj]
+    if miss:
+        raise ThoughtpatchError(f"{ckpt_path}: missing keys: {_key_list(miss)}")
+    if extra:
+        raise ThoughtpatchError(f"{ckpt_path}: unexpected keys: {_key_list(extra)}")
+    for k, v in prj_sd.items():
+        if v.shape != exp_prj[k].shape:
+            raise ThoughtpatchError(f"{ckpt_path}: shape mismatch at prj.{k}: checkpoint {list(v.shape)}, model {list(exp_prj[k].shape)}")
+    prj.load_state_dict({k: v.float() for k, v in prj_sd.items()})
+
+    if tokenizer.pad_token is None:  # as CODI: a literal [PAD] lands at id V0
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    # CODI casts the whole module (LoRA, prj, float buffers such as rotary inv_freq) to bf16.
+    net.to(device=device, dtype=torch_dtype).eval()
+    prj.to(device=device, dtype=torch_dtype).eval()
+    return CodiModel(
+        net=net,
+        hf=hf,
+        prj=prj,
+        tokenizer=tokenizer,
+        family=family,
+        base_vocab=v0,
+        num_thoughts=num_thoughts if num_thoughts is not None else int(sidecar.get("num_thoughts", 6)),
+        answer_template=sidecar.get("answer_template", "The answer is: {answer}"),
+        source={"checkpoint": str(ckpt_path), "base": str(base), "dtype": str(torch_dtype).removeprefix("torch."), "lora_r": r},
+    )

@@ -1,0 +1,22 @@
+"""Shared test helpers: where ../shared is, and tiny CODI models built in the tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def require_shared(rel: str) -> Path:
+    """A fixture file under ../shared: missing fails in CI, skips elsewhere with the reason."""
+    p = SHARED / rel
+    if not p.exists():
+        msg = f"fixture {p} is missing"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg + " (required in CI)")
+        pytest.skip(msg)
+    return p

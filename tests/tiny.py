@@ -1,0 +1,80 @@
+"""Tiny CODI checkpoints built inside the tests (no downloads): a word-level tokenizer,
+a random LLaMA or GPT-2 base, LoRA adapters with random B, and CODI's prj."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+WORDS = ["the", "answer", "is", ":", "how", "many", "apples", "has", "tom", "he", "buys", "more", "?", ".", "and", "left"]
+NUMBERS = [str(i) for i in range(0, 101)]
+
+
+def make_tokenizer(out: Path, bos: bool) -> int:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials + WORDS + NUMBERS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    from tokenizers import decoders
+
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(out)
+    return len(vocab)
+
+
+def make_tiny_codi(
+    root: Path, family: str = "llama", lora_r: int = 4, prj_dim: int = 24, seed: int = 0, fmt: str = "bin"
+) -> tuple[Path, Path]:
+    """Write base/ (config + tokenizer) and ckpt/ (CODI state dict) under root; return both."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    from thoughtpatch.model.loader import build_prj
+
+    torch.manual_seed(seed)
+    base, ckpt = root / "base", root / "ckpt"
+    base.mkdir(parents=True, exist_ok=True)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    v0 = make_tokenizer(base, bos=family == "llama")
+    if family == "llama":
+        cfg = LlamaConfig(
+            vocab_size=v0, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+        )
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    else:
+        cfg = GPT2Config(vocab_size=v0, n_embd=32, n_layer=3, n_head=4, n_positions=512, bos_token_id=2, eos_token_id=2)
+        targets = ["c_attn", "c_proj", "c_fc"]
+    cfg.save_pretrained(base)
+    lm = AutoModelForCausalLM.from_config(cfg)
+    lm.resize_token_embeddings(v0 + 3, mean_resizing=False)
+    sd: dict[str, torch.Tensor]
+    if lora_r:
+        net = get_peft_model(lm, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=targets, task_type="CAUSAL_LM"))
+        for n, p in net.named_parameters():
+            if "lora_B" in n:  # B starts at zero: randomise so the adapters do something
+                p.data.normal_(0, 0.2)
+        sd = {"codi." + k: v for k, v in net.state_dict().items()}
+    else:
+        sd = {"codi.base_model.model." + k: v for k, v in lm.state_dict().items()}
+    prj = build_prj(cfg.hidden_size, prj_dim)
+    with torch.no_grad():
+        prj.ln.weight.normal_(1.0, 0.1)
+    sd |= {"prj." + k: v for k, v in prj.state_dict().items()}
+    sd = {k: v.detach().clone().contiguous() for k, v in sd.items()}
+    if fmt == "bin":
+        torch.save(sd, ckpt / "pytorch_model.bin")
+    else:
+        from safetensors.torch import save_file
+
+        save_file(sd, str(ckpt / "model.safetensors"))
+    (ckpt / "thoughtpatch.json").write_text(json.dumps({"lora_alpha": 2 * lora_r, "num_thoughts": 4}))
+    return ckpt, base
