@@ -112,6 +112,27 @@ class LatentState:
         )
 
 
+    @staticmethod
+    def concat(states: list["LatentState"]) -> "LatentState":
+        """Stack runs that are at the same step into one batch (the inputs are consumed)."""
+        from thoughtpatch.model.kvcache import cat_caches
+
+        first = states[0]
+        if any(s.step != first.step or s.prompt_len != first.prompt_len for s in states):
+            raise ValueError("can only stack runs at the same thought of the same prompt")
+        cat = lambda name: [torch.cat(ts) for ts in zip(*(getattr(s, name) for s in states))]  # noqa: E731
+        return replace(
+            first,
+            cache=cat_caches([s.cache for s in states]),
+            next_input=torch.cat([s.next_input for s in states]),
+            bot_hidden=torch.cat([s.bot_hidden for s in states]),
+            inputs=cat("inputs"),
+            resid=cat("resid"),
+            hidden=cat("hidden"),
+            logits=cat("logits") if all(len(s.logits) == len(first.logits) for s in states) else [],
+        )
+
+
 @dataclass(frozen=True)
 class Generation:
     token_ids: list[int]

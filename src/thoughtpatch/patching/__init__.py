@@ -1,0 +1,1 @@
+"""Patching room: the engine (batched + reference), experiments, metrics, checks."""

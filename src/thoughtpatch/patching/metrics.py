@@ -1,0 +1,70 @@
+"""Metric definitions (DESIGN §3), all fp32, all read at the answer — never averaged over
+unrelated positions. "Receiving" = the unpatched run being patched (corrupted when
+denoising); "source" = the run the activations come from (clean when denoising)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from thoughtpatch.patching.engine import Readout, Target
+
+
+def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """KL(P ‖ Q) of the next-token distributions given by two logit vectors."""
+    lp, lq = F.log_softmax(p_logits.float(), -1), F.log_softmax(q_logits.float(), -1)
+    return float((lp.exp() * (lp - lq)).sum().clamp_min(0.0))
+
+
+def answer_logit_diff(logits: torch.Tensor, target: Target) -> tuple[float, float, float]:
+    """At the decision position: logit of the clean answer's token minus the corrupted one's.
+
+    The seed averaged logits over a window of positions, mixing unrelated ones; we read the
+    one position where the two answers diverge (for single-token numbers that is the number
+    itself; for 143+0 vs 143+1 the digit after the shared 143)."""
+    c = float(logits[target.clean[target.decision]])
+    r = float(logits[target.corrupted[target.decision]])
+    return c - r, c, r
+
+
+def logprob_diff(ro: Readout) -> float:
+    """log P(clean answer) − log P(corrupted answer), teacher-forced, summed over tokens."""
+    return ro.logprob_clean - ro.logprob_corrupted
+
+
+def recovered(m_patched: float, m_receiving: float, m_source: float) -> float:
+    """Fraction of the source–receiving gap closed; NaN when the runs do not differ."""
+    den = m_source - m_receiving
+    return (m_patched - m_receiving) / den if den != 0 else math.nan
+
+
+def cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0))
+
+
+def norm(a: torch.Tensor) -> float:
+    return float(a.float().norm())
+
+
+def same_answer(a: float, b: float) -> bool:
+    return a == b  # CODI's accuracy rule: exact float equality of extracted numbers
+
+
+def readout_metrics(ro: Readout, receiving: Readout, source: Readout, target: Target) -> dict[str, float | bool]:
+    """Every per-variant metric of DESIGN §3 for one patched run."""
+    ald, cs, rs = answer_logit_diff(ro.decision_logits, target)
+    m = logprob_diff(ro)
+    return {
+        "kl": kl(ro.decision_logits, receiving.decision_logits),
+        "kl_to_clean": kl(source.decision_logits, ro.decision_logits),
+        "answer_logit_diff": ald,
+        "clean_score": cs,
+        "corrupted_score": rs,
+        "logprob_diff": m,
+        "recovered": recovered(m, logprob_diff(receiving), logprob_diff(source)),
+        "answer": ro.answer.number,
+        "flip": same_answer(ro.answer.number, source.answer.number),
+        "away": not same_answer(ro.answer.number, receiving.answer.number),
+    }

@@ -1,0 +1,107 @@
+"""The batched engine against the reference engine, and the experiments' null checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.tiny import make_tiny_codi
+from thoughtpatch.data.schema import Pair, Problem
+from thoughtpatch.model import INPUT, load_model
+from thoughtpatch.patching.engine import BatchedEngine, Patch, ReferenceEngine, Variant
+from thoughtpatch.patching.experiments import all_layers, iterative_patching, layer_patching, pair_runs, position_patching
+from thoughtpatch.model.runtime import Site
+
+PAIR = Pair(
+    0,
+    Problem("tom has 3 apples and he buys 5 more . how many apples has tom ?", 8),
+    Problem("tom has 4 apples and he buys 5 more . how many apples has tom ?", 9),
+)
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def model(request, tmp_path_factory):
+    ckpt, base = make_tiny_codi(tmp_path_factory.mktemp(request.param), request.param)
+    return load_model(ckpt, base=base)
+
+
+@pytest.fixture(scope="module")
+def runs(model):
+    return pair_runs(model, PAIR, max_new_tokens=8)
+
+
+def _close(a: list[dict], b: list[dict], tol=1e-5):
+    """Every metric within tol (relative above 1)."""
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            x, y = ra[k], rb[k]
+            t = tol
+            if isinstance(x, float) and not isinstance(x, bool):
+                assert (math.isnan(x) and math.isnan(y)) or abs(x - y) <= t * max(1.0, abs(y)), (k, x, y, ra)
+            else:
+                assert x == y, (k, x, y)
+
+
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_batched_equals_reference(model, runs, direction):
+    layers, thoughts = all_layers(model), list(range(model.num_thoughts))
+    ref, bat = ReferenceEngine(model), BatchedEngine(model)
+    _close(position_patching(bat, runs, layers, thoughts, direction), position_patching(ref, runs, layers, thoughts, direction))
+    _close(layer_patching(bat, runs, layers, thoughts, direction), layer_patching(ref, runs, layers, thoughts, direction))
+    _close(iterative_patching(bat, runs, layers, model.num_thoughts, direction), iterative_patching(ref, runs, layers, model.num_thoughts, direction))
+
+
+def test_small_batches_equal_one_batch(model, runs):
+    layers, thoughts = all_layers(model), list(range(model.num_thoughts))
+    _close(position_patching(BatchedEngine(model, max_batch=3), runs, layers, thoughts), position_patching(BatchedEngine(model), runs, layers, thoughts))
+
+
+def test_iteration0_equals_exp1(model, runs):
+    layers = all_layers(model)
+    exp1 = {r["layer"]: r for r in position_patching(ReferenceEngine(model), runs, layers, [0])}
+    exp2 = [r for r in iterative_patching(ReferenceEngine(model), runs, layers, model.num_thoughts) if r["iteration"] == 0]
+    for r in exp2:
+        e = exp1[r["layer"]]
+        for k in ("kl", "kl_to_clean", "answer_logit_diff", "logprob_diff", "answer", "flip"):
+            assert r[k] == e[k] or (isinstance(r[k], float) and math.isnan(r[k]) and math.isnan(e[k]))
+
+
+def test_self_patch_changes_nothing(model, runs):
+    """Corrupted activations into the corrupted run, at every single site: exactly no effect."""
+    ids, receiving = runs.corrupted_ids, runs.corrupted
+    variants = [
+        Variant((Patch(Site(l, k), receiving.inputs[k] if l == INPUT else receiving.resid[k, l]),))
+        for k in range(model.num_thoughts)
+        for l in all_layers(model)
+    ]
+    for ro in ReferenceEngine(model).run(ids, variants, runs.target):
+        assert torch.equal(ro.decision_logits, receiving.decision_logits)
+        assert ro.answer.token_ids == receiving.answer.token_ids
+
+
+def test_all_sites_clean_reproduces_clean_thoughts(model, runs):
+    """Every thought site patched with clean: the thoughts *are* the clean thoughts; and with
+    the clean prompt too, the whole run is the clean run."""
+    sites = [(l, k) for k in range(model.num_thoughts) for l in all_layers(model)]
+    v = Variant(tuple(Patch(Site(l, k), runs.clean.inputs[k] if l == INPUT else runs.clean.resid[k, l]) for l, k in sites))
+    (ro,) = ReferenceEngine(model).run(runs.corrupted_ids, [v], runs.target)
+    assert (ro.resid - runs.clean.resid).abs().max() == 0
+    assert (ro.inputs - runs.clean.inputs).abs().max() == 0
+    (ro2,) = ReferenceEngine(model).run(runs.clean_ids, [v], runs.target)
+    assert torch.equal(ro2.decision_logits, runs.clean.decision_logits)
+    assert ro2.answer.token_ids == runs.clean.answer.token_ids
+
+
+def test_input_row_is_layer_rows_shifted(model, runs):
+    """Patching the input of thought k+1 with clean equals patching the output that makes it
+    (last layer of thought k) only through z_{k+1}: the fed vectors agree exactly."""
+    ref = ReferenceEngine(model)
+    k = 1
+    last = model.num_layers - 1
+    (a,) = ref.run(runs.corrupted_ids, [Variant((Patch(Site(INPUT, k + 1), runs.clean.inputs[k + 1]),))], runs.target)
+    (b,) = ref.run(runs.corrupted_ids, [Variant((Patch(Site(last, k), runs.clean.resid[k, last]),))], runs.target)
+    assert torch.allclose(a.inputs[k + 1], b.inputs[k + 1], atol=1e-6)
