@@ -59,8 +59,11 @@ def activation(ro: Readout, layer: Layer, thought: int) -> torch.Tensor:
 
 def _rows(runs: PairRuns, direction: Direction, keys: list[dict], readouts: list[Readout]) -> list[dict]:
     _, receiving, source = runs.roles(direction)
+    # The unpatched runs' logprob differences travel with every row, so that aggregates
+    # (recovered as a ratio of means) can be recomputed from results.jsonl alone.
+    base = {"logprob_diff_receiving": M.logprob_diff(receiving), "logprob_diff_source": M.logprob_diff(source)}
     return [
-        {"pair_id": runs.pair.pair_id, "direction": direction, **key, **M.readout_metrics(ro, receiving, source, runs.target)}
+        {"pair_id": runs.pair.pair_id, "direction": direction, **key, **M.readout_metrics(ro, receiving, source, runs.target), **base}
         for key, ro in zip(keys, readouts)
     ]
 

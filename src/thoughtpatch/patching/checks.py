@@ -1,0 +1,168 @@
+"""Validation checks run on every experiment (DESIGN §3). A check is a finding, not an
+assertion: each reports a value and a verdict (pass / fail / info) and a failure is shown,
+never hidden."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+
+import torch
+
+from thoughtpatch.model.runtime import INPUT, CodiModel, Intervention, Site
+from thoughtpatch.patching import metrics as M
+from thoughtpatch.patching.engine import BatchedEngine, Patch, ReferenceEngine, Variant
+from thoughtpatch.patching.experiments import Direction, PairRuns, activation, all_layers
+
+
+def check(name: str, value, verdict: str, detail: str = "") -> dict:
+    if isinstance(value, float) and math.isnan(value):
+        value = None
+    return {"name": name, "value": value, "verdict": verdict, "detail": detail}
+
+
+def _mean_by(rows: list[dict], keys: tuple[str, ...], metric: str) -> dict[tuple, float]:
+    acc: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows:
+        v = r[metric]
+        if not (isinstance(v, float) and math.isnan(v)):
+            acc[tuple(r[k] for k in keys)].append(float(v))
+    return {k: sum(v) / len(v) for k, v in acc.items() if v}
+
+
+def self_patch_checks(model: CodiModel, runs: PairRuns, direction: Direction) -> list[dict]:
+    """1. Writing the receiving run's own activations back, site by site, changes nothing."""
+    ids, receiving, _ = runs.roles(direction)
+    sites = [(l, k) for k in range(model.num_thoughts) for l in all_layers(model)]
+    variants = [Variant((Patch(Site(l, k), activation(receiving, l, k)),)) for l, k in sites]
+    ref = ReferenceEngine(model).run(ids, variants, runs.target)
+    exact = max(float((ro.decision_logits - receiving.decision_logits).abs().max()) for ro in ref)
+    same_answers = all(ro.answer.token_ids == receiving.answer.token_ids for ro in ref)
+    bat = BatchedEngine(model).run(ids, variants, runs.target)
+    batched = max(float((ro.decision_logits - receiving.decision_logits).abs().max()) for ro in bat)
+    pid = runs.pair.pair_id
+    return [
+        check(
+            "self_patch_exact", exact, "pass" if exact == 0 and same_answers else "fail",
+            f"pair {pid}: receiving activations written back at each of {len(sites)} sites, one run each; max |Δ logit| at the decision position (must be 0)",
+        ),
+        check(
+            "self_patch_batched", batched, "pass" if batched <= 1e-4 else "fail",
+            f"pair {pid}: the same {len(sites)} self-patches through the batched engine; max |Δ logit| (batch arithmetic may differ in the last bits)",
+        ),
+    ]
+
+
+def all_sites_check(model: CodiModel, runs: PairRuns, direction: Direction) -> list[dict]:
+    """2. Every thought site from the source: the thoughts become the source's thoughts; with
+    the source prompt as well, the whole run is the source run."""
+    ids, receiving, source = runs.roles(direction)
+    src_ids = runs.clean_ids if direction == "denoising" else runs.corrupted_ids
+    sites = [(l, k) for k in range(model.num_thoughts) for l in all_layers(model)]
+    v = Variant(tuple(Patch(Site(l, k), activation(source, l, k)) for l, k in sites))
+    ref = ReferenceEngine(model)
+    (ro,) = ref.run(ids, [v], runs.target)
+    thoughts = max(float((ro.resid - source.resid).abs().max()), float((ro.inputs - source.inputs).abs().max()))
+    (full,) = ref.run(src_ids, [v], runs.target)
+    whole = float((full.decision_logits - source.decision_logits).abs().max())
+    kl_left = M.kl(source.decision_logits, ro.decision_logits)
+    flip = M.same_answer(ro.answer.number, source.answer.number)
+    pid = runs.pair.pair_id
+    return [
+        check(
+            "all_sites_reproduce_source", max(thoughts, whole), "pass" if thoughts == 0 and whole == 0 else "fail",
+            f"pair {pid}: all {len(sites)} thought sites patched; max |Δ| of thought states vs the source run, and of decision logits when the prompt is the source's too",
+        ),
+        check(
+            "all_thought_sites_kl_to_source", kl_left, "info",
+            f"pair {pid}: with only the question left from the receiving run, KL(source ‖ patched) = {kl_left:.4g}, answer flips: {flip} — how much the answer re-reads the question",
+        ),
+    ]
+
+
+def grid_checks(position: list[dict], layer: list[dict], direction: Direction) -> list[dict]:
+    """3–6 from the Exp 1 grid and layer patching."""
+    out = []
+    grid = _mean_by(position, ("layer", "thought"), "kl")
+    by_layer = _mean_by(layer, ("layer",), "kl")
+    ratios = {}
+    for (l,), lk in by_layer.items():
+        s = sum(v for (gl, _), v in grid.items() if gl == l)
+        ratios[str(l)] = s / lk if lk > 0 else math.nan
+    finite = [r for r in ratios.values() if not math.isnan(r)]
+    out.append(
+        check(
+            "sum_single_kl_vs_layer_kl", statistics.median(finite) if finite else math.nan, "info",
+            "per layer Σ_k KL(l,k) / KL(layer l, all thoughts): " + ", ".join(f"{k}: {v:.3g}" for k, v in ratios.items()),
+        )
+    )
+    vals = list(grid.values())
+    med = statistics.median(vals) if vals else math.nan
+    l0 = grid.get((0, 0), math.nan)
+    out.append(check("layer0_thought0_vs_median", l0 / med if med > 0 else math.nan, "info", f"mean KL at (0, 0) = {l0:.4g}, grid median = {med:.4g}"))
+    mean = sum(vals) / len(vals) if vals else math.nan
+    cv = statistics.pstdev(vals) / mean if vals and mean > 0 else math.nan
+    out.append(check("heatmap_nonuniform", cv, "pass" if cv >= 0.1 else "fail", "coefficient of variation of the mean-KL grid over (layer, thought) cells (pass ≥ 0.1)"))
+    if position:
+        best = max(grid, key=grid.get)
+        first = min(r["pair_id"] for r in position)
+        row = next(r for r in position if r["pair_id"] == first and (r["layer"], r["thought"]) == best)
+        sign = 1 if direction == "denoising" else -1
+        out.append(
+            check(
+                "first_pair_best_cell_logit_diff", row["answer_logit_diff"], "pass" if sign * row["answer_logit_diff"] > 0 else "fail",
+                f"pair {first} at the most effective cell (layer {best[0]}, thought {best[1]}, by mean KL): answer logit diff clean − corrupted should favour the source",
+            )
+        )
+    return out
+
+
+def iterative_checks(iterative: list[dict], position: list[dict], layer: list[dict], model: CodiModel) -> list[dict]:
+    """7. Exp 2 sanity: iteration 0 ≡ Exp 1 (l, 0); activations move; no NaN; final vs others."""
+    out = []
+    exp1 = {(r["pair_id"], r["layer"]): r for r in position if r["thought"] == 0}
+    keys = ("kl", "kl_to_clean", "answer_logit_diff", "logprob_diff", "answer")
+    worst, n = 0.0, 0
+    for r in iterative:
+        if r["iteration"] == 0 and (r["pair_id"], r["layer"]) in exp1:
+            e = exp1[(r["pair_id"], r["layer"])]
+            n += 1
+            for k in keys:
+                a, b = float(r[k]), float(e[k])
+                if not (math.isnan(a) and math.isnan(b)):
+                    worst = max(worst, abs(a - b))
+    out.append(check("iteration0_equals_exp1", worst, "pass" if n and worst <= 1e-5 else "fail", f"max |Δ| over {n} (pair, layer) rows and metrics {', '.join(keys)}"))
+    norms: dict[tuple, list[float]] = defaultdict(list)
+    for r in sorted(iterative, key=lambda r: r["iteration"]):
+        norms[(r["pair_id"], r["layer"])].append(r["norm"])
+    moving = sum(1 for v in norms.values() if len(set(v)) > 1)
+    out.append(check("activations_change_between_iterations", moving / len(norms) if norms else math.nan, "pass" if moving == len(norms) and norms else "fail", f"{moving} of {len(norms)} (pair, layer) chains have norms that change across iterations"))
+    nans = sum(1 for rows in (iterative, position, layer) for r in rows for k, v in r.items() if k in ("kl", "logprob_diff", "answer_logit_diff") and isinstance(v, float) and math.isnan(v))
+    out.append(check("no_nan", nans, "pass" if nans == 0 else "fail", "NaN values in kl, logprob_diff and answer_logit_diff across all results"))
+    last = model.num_thoughts - 1
+    fin = _mean_by([r for r in iterative if r["iteration"] == last], ("layer",), "kl")
+    e1 = _mean_by([r for r in position if r["thought"] == last], ("layer",), "kl")
+    lp = _mean_by(layer, ("layer",), "kl")
+    detail = "; ".join(f"layer {l}: Exp2 {fin[(l,)]:.3g} / Exp1 {e1.get((l,), math.nan):.3g} / layer {lp.get((l,), math.nan):.3g}" for (l,) in fin)
+    out.append(check("final_iteration_vs_exp1_and_layer", statistics.mean(fin.values()) if fin else math.nan, "info", f"mean KL at the final iteration ({last}) — {detail}"))
+    return out
+
+
+@torch.inference_mode()
+def baseline_checks(model: CodiModel, pairs_runs: list[PairRuns], max_new_tokens: int, stop_ids) -> list[dict]:
+    """8. Do the runs answer right, and do they need their thoughts on these pairs?"""
+    n = len(pairs_runs)
+    clean = sum(M.same_answer(r.clean.answer.number, float(r.pair.clean.answer)) for r in pairs_runs)
+    corr = sum(M.same_answer(r.corrupted.answer.number, float(r.pair.corrupted.answer)) for r in pairs_runs)
+    zero = [Intervention.zero(Site(INPUT, k)) for k in range(model.num_thoughts)]
+    ablated = 0
+    for r in pairs_runs:
+        for ids, gold in ((r.clean_ids, r.pair.clean.answer), (r.corrupted_ids, r.pair.corrupted.answer)):
+            gens, _ = model.generate(model.think(model.encode(ids), zero, record_logits=False), max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+            ablated += M.same_answer(gens[0].number, float(gold))
+    return [
+        check("baseline_accuracy_clean", clean / n, "info", f"{clean}/{n} clean questions answered right (greedy)"),
+        check("baseline_accuracy_corrupted", corr / n, "info", f"{corr}/{n} corrupted questions answered right"),
+        check("accuracy_thoughts_zeroed", ablated / (2 * n), "info", f"{ablated}/{2 * n} questions right with every fed thought zeroed (is the model using its thoughts here?)"),
+    ]

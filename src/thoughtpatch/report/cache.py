@@ -1,0 +1,60 @@
+"""The clean (and corrupted) activation cache: each pair's unpatched run — activations at
+every site, the decision-position logits, the continuation log-probs and the greedy answer —
+stored with metadata that a later experiment checks before reusing it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from thoughtpatch.errors import ThoughtpatchError
+from thoughtpatch.model.runtime import CodiModel, Generation, extract_number
+from thoughtpatch.patching.engine import Readout
+
+CHECKED = ("model", "pairs_sha256", "num_thoughts", "num_layers", "hidden_size", "dtype", "max_new_tokens", "stop_ids", "role")
+
+
+def save_cache(path: Path, runs: dict[int, Readout], meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for pid, ro in runs.items():
+        tensors[f"p{pid}.resid"] = ro.resid.contiguous()
+        tensors[f"p{pid}.inputs"] = ro.inputs.contiguous()
+        tensors[f"p{pid}.decision_logits"] = ro.decision_logits.contiguous()
+        tensors[f"p{pid}.logprobs"] = torch.tensor([ro.logprob_clean, ro.logprob_corrupted], dtype=torch.float64)
+        tensors[f"p{pid}.answer_ids"] = torch.tensor(ro.answer.token_ids, dtype=torch.long)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"thoughtpatch": json.dumps(meta | {"pair_ids": sorted(runs)})})
+    tmp.replace(path)
+
+
+def load_cache(path: Path, model: CodiModel, expect: dict) -> dict[int, Readout]:
+    """Read a cache, refusing one made by another model, pair set or setting."""
+    from safetensors import safe_open
+
+    try:
+        f = safe_open(str(path), "pt")
+        meta = json.loads(f.metadata()["thoughtpatch"])
+    except Exception as e:  # noqa: BLE001
+        raise ThoughtpatchError(f"{path}: not a thoughtpatch activation cache ({type(e).__name__})") from None
+    for key in CHECKED:
+        if key in expect and meta.get(key) != expect[key]:
+            raise ThoughtpatchError(f"{path}: made with {key} = {meta.get(key)!r}, this run has {expect[key]!r}; refusing to reuse it")
+    out = {}
+    for pid in meta["pair_ids"]:
+        ids = f.get_tensor(f"p{pid}.answer_ids").tolist()
+        text = model.tokenizer.decode(ids, skip_special_tokens=True)
+        lp = f.get_tensor(f"p{pid}.logprobs").tolist()
+        out[pid] = Readout(
+            decision_logits=f.get_tensor(f"p{pid}.decision_logits"),
+            logprob_clean=lp[0],
+            logprob_corrupted=lp[1],
+            answer=Generation(ids, text, extract_number(text)),
+            resid=f.get_tensor(f"p{pid}.resid"),
+            inputs=f.get_tensor(f"p{pid}.inputs"),
+        )
+    return out

@@ -1,0 +1,174 @@
+"""A whole run on a tiny model: outputs, resume after SIGKILL, cache refusal, W&B keys, config."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import make_tiny_codi
+from thoughtpatch.errors import ThoughtpatchError
+from thoughtpatch.report.results import read_rows
+from thoughtpatch.run import RunConfig, parse_range, run_experiments
+
+Q = "tom has {} apples and he buys 5 more . how many apples has tom ?"
+
+
+def _pairs(path: Path, n: int) -> Path:
+    pairs = [
+        {"pair_id": i, "clean": {"question": Q.format(2 + i), "answer": 7 + i}, "corrupted": {"question": Q.format(30 + i), "answer": 35 + i}}
+        for i in range(n)
+    ]
+    path.write_text(json.dumps(pairs))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    ckpt, base = make_tiny_codi(root, "llama")
+    return ckpt, base, _pairs(root / "pairs.json", 8)
+
+
+def _cfg(tiny, out, **kw) -> RunConfig:
+    ckpt, base, pairs = tiny
+    return RunConfig(model=str(ckpt), base=str(base), pairs=str(pairs), out=str(out), wandb="disabled", max_new_tokens=6, **kw)
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    run_experiments(_cfg(tiny, out), progress=False, log=lambda s: None)
+    return out
+
+
+def test_outputs(full_run):
+    for f in ("manifest.json", "pairs.json", "checks.json", "clean_activations.safetensors", "corrupted_activations.safetensors"):
+        assert (full_run / f).is_file(), f
+    layers, k = 4, 4  # input + 3 blocks; K from thoughtpatch.json
+    expect = {"layer": 8 * layers, "position": 8 * layers * k, "iterative": 8 * layers * k}
+    for exp, n in expect.items():
+        rows = read_rows(full_run / exp / "results.jsonl")
+        assert len(rows) == n
+        assert all(r["direction"] == "denoising" for r in rows)
+        summary = json.loads((full_run / exp / "summary.json").read_text())
+        assert summary["n_pairs"] == 8
+        cell = summary["cells"][0]
+        assert {"mean", "std", "ci95", "n"} <= cell["metrics"]["kl"].keys()
+    row = read_rows(full_run / "iterative" / "results.jsonl")[0]
+    for key in ("kl", "kl_to_clean", "answer_logit_diff", "clean_score", "corrupted_score", "logprob_diff", "recovered", "answer", "flip", "away", "cos_clean", "cos_corrupted", "norm"):
+        assert key in row, key
+    checks = json.loads((full_run / "checks.json").read_text())["checks"]
+    names = {c["name"]: c for c in checks}
+    assert any("self" in n for n in names)
+    assert names["self_patch_exact"]["verdict"] == "pass" and names["self_patch_exact"]["value"] == 0
+    assert names["iteration0_equals_exp1"]["verdict"] == "pass"
+    assert names["all_sites_reproduce_source"]["verdict"] == "pass"
+    assert all(c["verdict"] in ("pass", "fail", "info") for c in checks)
+
+
+def test_recovered_summary_is_ratio_of_means(full_run):
+    rows = read_rows(full_run / "position" / "results.jsonl")
+    cell = [r for r in rows if r["layer"] == 0 and r["thought"] == 0]
+    mean = lambda k: sum(r[k] for r in cell) / len(cell)  # noqa: E731
+    want = (mean("logprob_diff") - mean("logprob_diff_receiving")) / (mean("logprob_diff_source") - mean("logprob_diff_receiving"))
+    summary = json.loads((full_run / "position" / "summary.json").read_text())
+    got = next(c for c in summary["cells"] if c["layer"] == 0 and c["thought"] == 0)["metrics"]["recovered"]["mean"]
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_resume_after_sigkill_is_identical(tiny, full_run, tmp_path):
+    ckpt, base, pairs = tiny
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "thoughtpatch", "run", "--model", str(ckpt), "--base", str(base), "--pairs", str(pairs), "--out", str(out), "--wandb", "disabled", "--max-new-tokens", "6"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = out / "position" / "results.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if target.exists() and target.stat().st_size > 0:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n_before = len(target.read_text().splitlines())
+    assert 0 < n_before < 8 * 16
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for exp in ("layer", "position", "iterative"):
+        a = sorted(read_rows(out / exp / "results.jsonl"), key=lambda r: json.dumps([r["pair_id"], str(r["layer"]), r.get("thought"), r.get("iteration")]))
+        b = sorted(read_rows(full_run / exp / "results.jsonl"), key=lambda r: json.dumps([r["pair_id"], str(r["layer"]), r.get("thought"), r.get("iteration")]))
+        assert json.dumps(a) == json.dumps(b), exp
+
+
+def test_resume_refuses_changed_config(tiny, full_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(full_run, out)
+    with pytest.raises(ThoughtpatchError, match="already holds a run"):
+        run_experiments(_cfg(tiny, out), progress=False, log=lambda s: None)
+    with pytest.raises(ThoughtpatchError, match="config changed.*direction"):
+        run_experiments(_cfg(tiny, out, resume=True, direction="noising"), progress=False, log=lambda s: None)
+
+
+def test_cache_from_another_pair_set_is_refused(tiny, full_run, tmp_path):
+    ckpt, base, _ = tiny
+    out = tmp_path / "other"
+    out.mkdir()
+    for role in ("clean", "corrupted"):
+        (out / f"{role}_activations.safetensors").write_bytes((full_run / f"{role}_activations.safetensors").read_bytes())
+    other = _pairs(tmp_path / "other_pairs.json", 3)
+    cfg = RunConfig(model=str(ckpt), base=str(base), pairs=str(other), out=str(out), wandb="disabled", max_new_tokens=6)
+    with pytest.raises(ThoughtpatchError, match="made with pairs_sha256"):
+        run_experiments(cfg, progress=False, log=lambda s: None)
+
+
+def test_cache_from_another_model_is_refused(tiny, full_run, tmp_path):
+    _, _, pairs = tiny
+    ckpt2, base2 = make_tiny_codi(tmp_path / "m2", "llama", seed=1)
+    out = tmp_path / "other_model"
+    out.mkdir()
+    for role in ("clean", "corrupted"):
+        (out / f"{role}_activations.safetensors").write_bytes((full_run / f"{role}_activations.safetensors").read_bytes())
+    cfg = RunConfig(model=str(ckpt2), base=str(base2), pairs=str(pairs), out=str(out), wandb="disabled", max_new_tokens=6)
+    with pytest.raises(ThoughtpatchError, match="made with model"):
+        run_experiments(cfg, progress=False, log=lambda s: None)
+
+
+def test_wandb_offline_has_seed_keys(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    out = tmp_path / "wb"
+    cfg = _cfg(tiny, out, test_mode=True)
+    cfg.wandb = "offline"
+    run_experiments(cfg, progress=False, log=lambda s: None)
+    files = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    blob = files[0].read_bytes()
+    assert b"cot-exploration" in blob
+    rows = read_rows(out / "position" / "results.jsonl")
+    kl00 = next(r["kl"] for r in rows if r["pair_id"] == 0 and r["layer"] == 0 and r["thought"] == 0)
+    for key in (b"pair_0/layer_0/pos_0/kl_div", b"aggregate/layer_0/pos_0/mean_kl", b"pair_0/layer_0/iter_1/activation_sim_clean", b"pair_0/layer_input/all_pos/kl_div"):
+        assert key in blob, key
+    assert json.dumps(kl00).encode() in blob  # the same number as results.jsonl
+
+
+def test_config_file_and_ranges(tiny, tmp_path):
+    ckpt, base, pairs = tiny
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'model = "{ckpt}"\nbase = "{base}"\npairs = "{pairs}"\nlayers = "input,1-2"\nthoughts = "0-1"\ntest_mode = true\n')
+    cfg = RunConfig.from_toml(toml, out=str(tmp_path / "o"), thoughts="1")
+    assert cfg.layers == "input,1-2" and cfg.thoughts == "1" and cfg.test_mode
+    assert parse_range("input,1-2", ["input", 0, 1, 2], "layers") == ["input", 1, 2]
+    with pytest.raises(ThoughtpatchError, match="--layers: \\['7'\\] not in this model"):
+        parse_range("7", ["input", 0, 1, 2], "layers")
+    toml.write_text("colour = 'red'\n")
+    with pytest.raises(ThoughtpatchError, match="unknown key"):
+        RunConfig.from_toml(toml)
