@@ -9,6 +9,7 @@ non-persistent buffers come from the base; every weight comes from the checkpoin
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -84,6 +85,10 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    # oneDNN's AMX bf16 GEMMs round differently from its AVX-512 ones (what CODI's CPU reference used); only an env cap set before `import torch` picks the latter.
+    amx = torch.device(device).type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    if torch_dtype == torch.bfloat16 and amx and "ONEDNN_MAX_CPU_ISA" not in os.environ:
+        warnings.warn("bf16 on an AMX CPU rounds matmuls unlike CODI's CPU reference; for bit-exact bf16 run with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16", stacklevel=2)
     ckpt_path, base = resolve_model(model, base)
     sd = ckpt.read_state_dict(ckpt_path)
     sidecar = ckpt.read_sidecar(ckpt_path)
