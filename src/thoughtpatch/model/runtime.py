@@ -36,8 +36,15 @@ class Intervention:
     """Rewrite the activation at `site` for some batch rows: act[rows] = fn(act[rows])."""
 
     site: Site
-    fn: Callable[[torch.Tensor], torch.Tensor]
+    fn: Callable[[torch.Tensor], torch.Tensor] | None
     rows: tuple[int, ...] | None = None  # None = every row
+    from_rows: tuple[int, ...] | None = None  # copy mode: act[rows] = act[from_rows], same forward
+
+    @staticmethod
+    def copy(site: Site, rows: tuple[int, ...], from_rows: tuple[int, ...]) -> "Intervention":
+        """Give `rows` the activation that rows `from_rows` have at this site in this very
+        forward pass (lets a chain of runs hand an activation on without a second pass)."""
+        return Intervention(site, None, rows, from_rows)
 
     @staticmethod
     def replace(site: Site, value: torch.Tensor, rows: tuple[int, ...] | None = None) -> "Intervention":
@@ -56,7 +63,10 @@ class Intervention:
             return self.fn(act)
         idx = torch.as_tensor(self.rows, device=act.device)
         out = act.clone()
-        out[idx] = self.fn(act[idx])
+        if self.from_rows is not None:
+            out[idx] = act[torch.as_tensor(self.from_rows, device=act.device)]
+        else:
+            out[idx] = self.fn(act[idx])
         return out
 
 

@@ -19,9 +19,13 @@ from thoughtpatch.model.runtime import CodiModel, Generation, Intervention, Late
 
 @dataclass(frozen=True)
 class Patch:
+    """Set `site` to `value` — or, with `from_variant=j`, to the activation that variant j
+    itself has at this site (j must change nothing at this site and start no later)."""
+
     site: Site
-    value: torch.Tensor  # [H]
+    value: torch.Tensor | None  # [H]
     mode: Literal["replace", "add"] = "replace"
+    from_variant: int | None = None
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,9 @@ class Variant:
     def start(self, num_thoughts: int) -> int:
         """First thought this variant changes (K for the unpatched run)."""
         return min((p.site.thought for p in self.patches), default=num_thoughts)
+
+    def needs(self) -> set[int]:
+        return {p.from_variant for p in self.patches if p.from_variant is not None}
 
 
 @dataclass(frozen=True)
@@ -94,21 +101,43 @@ def read_out(model: CodiModel, st: LatentState, target: Target) -> list[Readout]
     ]
 
 
-def interventions_at(variants: list[Variant], thought: int) -> list[Intervention]:
-    """One intervention per (site, mode) at this thought, covering all rows that patch it."""
+def interventions_at(variants: list[Variant], thought: int, row_of: dict[int, int] | None = None) -> list[Intervention]:
+    """One intervention per (site, mode) at this thought, covering all rows that patch it.
+    `row_of` maps a variant id (for `from_variant`) to its row in this batch."""
     groups: dict[tuple, tuple[list[int], list[torch.Tensor]]] = {}
+    copies: dict[Site, tuple[list[int], list[int]]] = {}
     for row, v in enumerate(variants):
         for p in v.patches:
-            if p.site.thought == thought:
+            if p.site.thought != thought:
+                continue
+            if p.from_variant is not None:
+                rows, src = copies.setdefault(p.site, ([], []))
+                rows.append(row)
+                src.append(row_of[p.from_variant])  # type: ignore[index]
+            else:
                 rows, vals = groups.setdefault((p.site, p.mode), ([], []))
                 rows.append(row)
                 vals.append(p.value)
-    out = []
+    out = [Intervention.copy(site, tuple(rows), tuple(src)) for site, (rows, src) in copies.items()]
     for (site, mode), (rows, vals) in groups.items():
         value = torch.stack(vals)
         make = Intervention.replace if mode == "replace" else Intervention.add
         out.append(make(site, value, rows=tuple(rows)))
     return out
+
+
+def resolve(v: Variant, done: dict[int, "Readout"]) -> Variant:
+    """Replace `from_variant` references by the values those variants produced."""
+    if not v.needs():
+        return v
+    patches = []
+    for p in v.patches:
+        if p.from_variant is not None:
+            ro = done[p.from_variant]
+            val = ro.inputs[p.site.thought] if p.site.layer == "input" else ro.resid[p.site.thought, int(p.site.layer)]
+            p = Patch(p.site, val, p.mode)
+        patches.append(p)
+    return Variant(tuple(patches))
 
 
 class ReferenceEngine:
@@ -119,8 +148,9 @@ class ReferenceEngine:
 
     def run(self, prompt_ids: list[int], variants: list[Variant], target: Target) -> list[Readout]:
         m = self.model
-        out = []
-        for v in variants:
+        out: list[Readout] = []
+        for v in variants:  # a variant only refers to earlier ones, so values are known here
+            v = resolve(v, dict(enumerate(out)))
             st = m.think(m.encode(prompt_ids), _all_interventions(v), record_logits=False)
             out.extend(read_out(m, st, target))
         return out
@@ -129,6 +159,25 @@ class ReferenceEngine:
 def _all_interventions(v: Variant) -> list[Intervention]:
     thoughts = sorted({p.site.thought for p in v.patches})
     return [iv for k in thoughts for iv in interventions_at([v], k)]
+
+
+def _linked_groups(variants: list[Variant]) -> list[list[int]]:
+    """Connected components of the `from_variant` references, in order of first member."""
+    parent = list(range(len(variants)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, v in enumerate(variants):
+        for j in v.needs():
+            parent[find(i)] = find(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(variants)):
+        groups.setdefault(find(i), []).append(i)
+    return sorted(groups.values(), key=lambda g: g[0])
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -147,30 +196,36 @@ class BatchedEngine:
             return []
         m = self.model
         k_total = m.num_thoughts
-        order = sorted(range(len(variants)), key=lambda i: variants[i].start(k_total))
         base = m.encode(prompt_ids)
         results: list[Readout | None] = [None] * len(variants)
+        groups = _linked_groups(variants)  # variants that refer to each other share a batch
         pos = 0
-        while pos < len(order):
-            size = self.max_batch or len(order)
-            chunk = order[pos : pos + size]
+        while pos < len(groups):
+            size = max(self.max_batch or len(variants), len(groups[pos]))
+            chunk: list[int] = []
+            while pos < len(groups) and len(chunk) + len(groups[pos]) <= size:
+                chunk += groups[pos]
+                pos += 1
+            chunk.sort(key=lambda i: (variants[i].start(k_total), i))
             try:
-                outs = self._run_chunk(base, [variants[i] for i in chunk], target)
+                outs = self._run_chunk(base, chunk, variants, target)
             except RuntimeError as e:
-                if not _is_oom(e) or size == 1:
+                if not _is_oom(e) or len(chunk) == 1:
                     raise
                 torch.cuda.empty_cache()
                 self.max_batch = max(1, len(chunk) // 2)
+                pos -= sum(1 for g in groups[:pos] if g[0] in chunk)
                 continue
             for i, r in zip(chunk, outs):
                 results[i] = r
-            pos += len(chunk)
         return results  # type: ignore[return-value]
 
-    def _run_chunk(self, base: LatentState, variants: list[Variant], target: Target) -> list[Readout]:
-        """`variants` sorted by start thought; each joins the batch when its first patch is due."""
+    def _run_chunk(self, base: LatentState, ids: list[int], all_variants: list[Variant], target: Target) -> list[Readout]:
+        """`ids` sorted by start thought; each variant joins the batch when its first patch is due."""
         m = self.model
         k_total = m.num_thoughts
+        variants = [all_variants[i] for i in ids]
+        row_of = {vid: row for row, vid in enumerate(ids)}
         starts = [v.start(k_total) for v in variants]
         prefix = base.fork()
         running: LatentState | None = None
@@ -184,7 +239,7 @@ class BatchedEngine:
             if k == k_total:
                 break
             if running is not None:
-                ivs = interventions_at(variants[:joined], k)
+                ivs = interventions_at(variants[:joined], k, row_of)
                 running = m.think(running, ivs, until=k + 1, record_logits=False)
             if joined < len(variants):  # later variants still need the unpatched prefix
                 prefix = m.think(prefix, until=k + 1, record_logits=False)

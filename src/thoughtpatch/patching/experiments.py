@@ -84,30 +84,27 @@ def position_patching(engine: Engine, runs: PairRuns, layers: list[Layer], thoug
 
 
 def iterative_patching(engine: Engine, runs: PairRuns, layers: list[Layer], num_thoughts: int, direction: Direction = "denoising") -> list[dict]:
-    """Exp 2. Iteration i runs all layers' chains as one batch (each chain patches only (l, i))."""
+    """Exp 2. Variant (l, i) patches only (l, i): with the source activation when i = 0, else
+    with what variant (l, i-1) itself produced at (l, i). The batched engine runs every chain
+    in one pass (each link reads its predecessor's activation in the same forward); the
+    reference engine runs the links one after another."""
     ids, _, source = runs.roles(direction)
-    current = {l: activation(source, l, 0) for l in layers}  # a_0 = the source activation
-    rows: list[dict] = []
-    for i in range(num_thoughts):
-        variants = [Variant((Patch(Site(l, i), current[l]),)) for l in layers]
-        readouts = engine.run(ids, variants, runs.target)
-        keys = []
-        for l, ro in zip(layers, readouts):
-            a = current[l]
-            keys.append(
-                {
-                    "experiment": "iterative",
-                    "layer": l,
-                    "iteration": i,
-                    "norm": M.norm(a),
-                    "cos_clean": M.cos(a, activation(runs.clean, l, i)),
-                    "cos_corrupted": M.cos(a, activation(runs.corrupted, l, i)),
-                }
-            )
-            if i + 1 < num_thoughts:
-                current[l] = activation(ro, l, i + 1)  # what the model made of the patched thought
-        rows.extend(_rows(runs, direction, keys, readouts))
-    return rows
+    variants, keys = [], []
+    for l in layers:
+        for i in range(num_thoughts):
+            if i == 0:
+                patch = Patch(Site(l, 0), activation(source, l, 0))
+            else:
+                patch = Patch(Site(l, i), None, from_variant=len(variants) - 1)
+            variants.append(Variant((patch,)))
+            keys.append({"experiment": "iterative", "layer": l, "iteration": i})
+    readouts = engine.run(ids, variants, runs.target)
+    for key, ro in zip(keys, readouts):
+        l, i = key["layer"], key["iteration"]
+        a = activation(ro, l, i)  # the activation this iteration patched in (a_i)
+        key |= {"norm": M.norm(a), "cos_clean": M.cos(a, activation(runs.clean, l, i)), "cos_corrupted": M.cos(a, activation(runs.corrupted, l, i))}
+    rows = _rows(runs, direction, keys, readouts)
+    return sorted(rows, key=lambda r: (r["iteration"], layers.index(r["layer"])))
 
 
 def all_layers(model: CodiModel) -> list[Layer]:
