@@ -1,0 +1,92 @@
+"""Reference engine vs batched engine, same machine, same run, on a LLaMA-shaped random
+CODI model: all three experiments (layer, Exp 1, Exp 2) for N pairs.
+
+    python bench/engine_speed.py --quick --json     # mid-size shape, a few minutes on 2 CPU cores
+    python bench/engine_speed.py --json             # LLaMA-3.2-1B shape, 1 pair
+
+Prints one JSON line: ratio (reference seconds / batched seconds), max_abs_diff (largest
+difference of any metric between the engines), shape, and both timings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+from thoughtpatch.data.schema import Pair, Problem
+from thoughtpatch.model.synthetic import SHAPES, question, random_codi
+from thoughtpatch.patching.engine import BatchedEngine, ReferenceEngine
+from thoughtpatch.patching.experiments import all_layers, iterative_patching, layer_patching, pair_runs, position_patching
+
+
+def all_experiments(engine, model, runs):
+    layers, thoughts = all_layers(model), list(range(model.num_thoughts))
+    rows = []
+    for r in runs:
+        rows += layer_patching(engine, r, layers, thoughts)
+        rows += position_patching(engine, r, layers, thoughts)
+        rows += iterative_patching(engine, r, layers, model.num_thoughts)
+    return rows
+
+
+def max_diff(a: list[dict], b: list[dict]) -> float:
+    worst = 0.0
+    for ra, rb in zip(a, b, strict=True):
+        for k, x in ra.items():
+            if isinstance(x, float) and not (math.isnan(x) and math.isnan(rb[k])):
+                worst = max(worst, abs(x - rb[k]))
+            elif x != rb[k]:
+                return math.inf
+    return worst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="mid-size shape instead of LLaMA-3.2-1B")
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="explicit shape (overrides --quick)")
+    ap.add_argument("--pairs", type=int, default=None, help="pairs (default 2 quick, 1 full)")
+    ap.add_argument("--words", type=int, default=60, help="question length in words (GSM8K: ~45 on average)")
+    ap.add_argument("--max-new-tokens", type=int, default=8, help="decode budget per run ('The answer is : N' + eos)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--json", action="store_true", help="print only the JSON line")
+    args = ap.parse_args()
+
+    shape = SHAPES[args.shape or ("mid" if args.quick else "llama-3.2-1b")]
+    n_pairs = args.pairs or (2 if args.quick else 1)
+    model = random_codi(shape, dtype=getattr(torch, args.dtype), device=args.device)
+    pairs = [Pair(i, Problem(question(args.words, 10 + i), 15 + i), Problem(question(args.words, 20 + i), 25 + i)) for i in range(n_pairs)]
+    runs = [pair_runs(model, p, max_new_tokens=args.max_new_tokens) for p in pairs]
+
+    def timed(engine):
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        rows = all_experiments(engine, model, runs)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        return rows, time.perf_counter() - t
+
+    bat_rows, bat_s = timed(BatchedEngine(model))
+    ref_rows, ref_s = timed(ReferenceEngine(model))
+    out = {
+        "ratio": round(ref_s / bat_s, 2),
+        "max_abs_diff": max_diff(bat_rows, ref_rows),
+        "shape": shape.describe(),
+        "reference_s": round(ref_s, 2),
+        "batched_s": round(bat_s, 2),
+        "pairs": n_pairs,
+        "rows": len(bat_rows),
+        "prompt_tokens": len(runs[0].clean_ids),
+        "device": args.device,
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
