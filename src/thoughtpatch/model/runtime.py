@@ -190,6 +190,9 @@ class CodiModel:
         self.hidden_size = hf.get_input_embeddings().weight.shape[1]
         # transformers 5 renamed `past_key_values` to `cache`; speak whichever this one knows.
         self._cache_kw = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+        # The decoder without its LM head (LoRA layers sit inside it): thoughts need no logits.
+        self.body = hf.base_model
+        self._body_cache_kw = "cache" if "cache" in inspect.signature(self.body.forward).parameters else "past_key_values"
         # Hook state: set only while a latent step runs.
         self._patches: dict[int, list[Intervention]] = {}
         self._capture: list[torch.Tensor] | None = None
@@ -236,6 +239,16 @@ class CodiModel:
         new_cache = out.get("cache") if "cache" in out else out.past_key_values
         return out, new_cache
 
+    def _body_forward(self, cache, **kw):
+        """The decoder stack only: (final-norm hidden states [B,T,H], all hidden states, cache)."""
+        kw[self._body_cache_kw] = cache
+        out = self.body(use_cache=True, **kw)
+        new_cache = out.get("cache") if "cache" in out else out.past_key_values
+        return out.last_hidden_state, out.hidden_states, new_cache
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.hf.get_output_embeddings()(h)
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.hf.get_input_embeddings()(ids)
 
@@ -281,16 +294,16 @@ class CodiModel:
                     self._patches.setdefault(int(iv.site.layer), []).append(iv)
             self._capture = []
             try:
-                out, cache = self._forward(st.cache, inputs_embeds=z[:, None], output_hidden_states=True)
+                last, hidden_states, cache = self._body_forward(st.cache, inputs_embeds=z[:, None], output_hidden_states=True)
                 resid = torch.stack(self._capture, 1)
             finally:
                 self._patches, self._capture = {}, None
-            h = out.hidden_states[-1][:, -1]
+            h = last[:, -1]
             st.inputs.append(z)
             st.resid.append(resid)
-            st.hidden.append(torch.stack([t[:, -1] for t in out.hidden_states], 1))
+            st.hidden.append(torch.stack([t[:, -1] for t in hidden_states], 1))
             if record_logits:
-                st.logits.append(out.logits[:, -1].float())
+                st.logits.append(self.head(last[:, -1]).float())
             st.cache = cache
             st.next_input = self.prj(h)
             st.step = k + 1
@@ -315,6 +328,20 @@ class CodiModel:
         finally:
             self._restore(state)
         return out.logits.float()
+
+    @torch.inference_mode()
+    def teacher_force(self, state: LatentState, tokens: list[int], keep: int) -> torch.Tensor:
+        """Feed `tokens` (same for every row) on top of `state` and return fp32 logits of the
+        last `keep` positions [B, keep, V]. The state is extended: crop it with `rewind`."""
+        ids = torch.tensor(tokens, device=self.device).expand(state.batch_size, -1)
+        last, _, state.cache = self._body_forward(state.cache, inputs_embeds=self.embed(ids))
+        return self.head(last[:, last.shape[1] - keep :]).float() if keep else last.new_zeros(0)
+
+    def rewind(self, state: LatentState, extra: int = 0) -> None:
+        """Drop every cached position after the last thought (+ `extra` kept)."""
+        over = state.cache.get_seq_length() - (state.prompt_len + state.step + extra)
+        if over > 0:
+            state.cache.crop(-over)
 
     @torch.inference_mode()
     def generate(

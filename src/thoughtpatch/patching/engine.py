@@ -75,17 +75,28 @@ class Readout:
 
 
 def read_out(model: CodiModel, st: LatentState, target: Target) -> list[Readout]:
-    """Score both continuations, decode greedily, and split the batch into per-row readouts."""
-    lps, decision = [], None
-    for cont in (target.clean, target.corrupted):
-        logits = model.score(st, list(cont))  # [B, n+1, V]; row t predicts cont[t]
-        # Only positions from the decision on matter (the shared prefix cancels); float64 so
-        # the sum adds no rounding of its own to a difference of two similar numbers.
-        tail = logits[:, target.decision : -1].double()
-        idx = torch.tensor(cont[target.decision :], device=tail.device)[None, :, None].expand(tail.shape[0], -1, 1)
-        lps.append((tail.gather(-1, idx).squeeze(-1) - tail.logsumexp(-1)).sum(-1))
-        if decision is None:
-            decision = logits[:, target.decision]
+    """Score both continuations, decode greedily, and split the batch into per-row readouts.
+
+    <eot> and the shared part of the two continuations are fed once; each continuation's
+    tokens after the decision position are then fed on top (positions before the decision
+    are identical in both, so their log-probs cancel and are not computed)."""
+    d = target.decision
+    try:
+        decision = model.teacher_force(st, [model.eot_id, *target.clean[:d]], keep=1)[:, 0]
+        # float64 so the sum adds no rounding of its own to a difference of similar numbers
+        first = decision.double().log_softmax(-1)
+        lps = []
+        for cont in (target.clean, target.corrupted):
+            lp = first[:, cont[d]]
+            tail = list(cont[d:-1])  # fed to predict cont[d+1:]
+            if tail:
+                logits = model.teacher_force(st, tail, keep=len(tail)).double()
+                idx = torch.tensor(cont[d + 1 :], device=logits.device)[None, :, None].expand(logits.shape[0], -1, 1)
+                lp = lp + (logits.gather(-1, idx).squeeze(-1) - logits.logsumexp(-1)).sum(-1)
+                model.rewind(st, extra=1 + d)
+            lps.append(lp)
+    finally:
+        model.rewind(st)
     gens, _ = model.generate(st, max_new_tokens=target.max_new_tokens, stop_ids=target.stop_ids)
     resid, inputs = (st.latent_resid(), st.latent_inputs()) if st.step else (None, None)
     return [
