@@ -36,3 +36,14 @@ def cat_caches(caches: list[Any]) -> Any:
     per_cache = [_layers(c) for c in caches]
     _set_layers(out, [(torch.cat([p[i][0] for p in per_cache]), torch.cat([p[i][1] for p in per_cache])) for i in range(len(per_cache[0]))])
     return out
+
+
+def take_rows(cache: Any, rows: torch.Tensor) -> Any:
+    """A new cache holding `rows` of `cache` (indices may repeat); `cache` is left as it is."""
+    out = copy.copy(cache)
+    if hasattr(out, "layers"):
+        out.layers = [copy.copy(lay) for lay in out.layers]
+    else:
+        out.key_cache, out.value_cache = list(out.key_cache), list(out.value_cache)
+    _set_layers(out, [(k[rows], v[rows]) for k, v in _layers(cache)])
+    return out

@@ -122,6 +122,23 @@ class LatentState:
         )
 
 
+    def take(self, rows: list[int]) -> "LatentState":
+        """A copy holding `rows` of this batch (indices may repeat)."""
+        from thoughtpatch.model.kvcache import take_rows
+
+        idx = torch.as_tensor(rows, device=self.next_input.device)
+        pick = lambda t: t[idx]  # noqa: E731
+        return replace(
+            self,
+            cache=take_rows(self.cache, idx),
+            next_input=pick(self.next_input),
+            bot_hidden=pick(self.bot_hidden),
+            inputs=[pick(t) for t in self.inputs],
+            resid=[pick(t) for t in self.resid],
+            hidden=[pick(t) for t in self.hidden],
+            logits=[pick(t) for t in self.logits],
+        )
+
     @staticmethod
     def concat(states: list["LatentState"]) -> "LatentState":
         """Stack runs that are at the same step into one batch (the inputs are consumed)."""

@@ -232,27 +232,22 @@ class BatchedEngine:
         return results  # type: ignore[return-value]
 
     def _run_chunk(self, base: LatentState, ids: list[int], all_variants: list[Variant], target: Target) -> list[Readout]:
-        """`ids` sorted by start thought; each variant joins the batch when its first patch is due."""
+        """`ids` sorted by start thought. Row 0 of the batch is the unpatched prefix; a variant
+        joins as a copy of row 0 when its first patch is due, so one forward per thought
+        serves the prefix and every variant already running."""
         m = self.model
         k_total = m.num_thoughts
-        variants = [all_variants[i] for i in ids]
-        row_of = {vid: row for row, vid in enumerate(ids)}
-        starts = [v.start(k_total) for v in variants]
-        prefix = base.fork()
-        running: LatentState | None = None
-        joined = 0
+        rows = [Variant()] + [all_variants[i] for i in ids]
+        row_of = {vid: row for row, vid in enumerate(ids, start=1)}
+        starts = [v.start(k_total) for v in rows[1:]]
+        running = base.fork()
+        joined = 1
         for k in range(k_total + 1):
             n_new = sum(1 for s in starts if s == k)
             if n_new:
-                fresh = prefix.fork(repeat=n_new)
-                running = fresh if running is None else LatentState.concat([running, fresh])
+                running = LatentState.concat([running, running.take([0] * n_new)])
                 joined += n_new
             if k == k_total:
                 break
-            if running is not None:
-                ivs = interventions_at(variants[:joined], k, row_of)
-                running = m.think(running, ivs, until=k + 1, record_logits=False)
-            if joined < len(variants):  # later variants still need the unpatched prefix
-                prefix = m.think(prefix, until=k + 1, record_logits=False)
-        assert running is not None and running.batch_size == len(variants)
-        return read_out(m, running, target)
+            running = m.think(running, interventions_at(rows[:joined], k, row_of), until=k + 1, record_logits=False)
+        return read_out(m, running.take(list(range(1, len(rows)))), target)  # the prefix row has served
