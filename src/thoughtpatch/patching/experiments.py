@@ -68,43 +68,83 @@ def _rows(runs: PairRuns, direction: Direction, keys: list[dict], readouts: list
     ]
 
 
-def layer_patching(engine: Engine, runs: PairRuns, layers: list[Layer], thoughts: list[int], direction: Direction = "denoising") -> list[dict]:
-    ids, _, source = runs.roles(direction)
+def _layer_variants(source: Readout, layers: list[Layer], thoughts: list[int], num_thoughts: int) -> tuple[list[Variant], list[dict]]:
     variants = [Variant(tuple(Patch(Site(l, k), activation(source, l, k)) for k in thoughts)) for l in layers]
-    keys = [{"experiment": "layer", "layer": l} for l in layers]
-    return _rows(runs, direction, keys, engine.run(ids, variants, runs.target))
+    return variants, [{"experiment": "layer", "layer": l} for l in layers]
 
 
-def position_patching(engine: Engine, runs: PairRuns, layers: list[Layer], thoughts: list[int], direction: Direction = "denoising") -> list[dict]:
-    ids, _, source = runs.roles(direction)
+def _position_variants(source: Readout, layers: list[Layer], thoughts: list[int], num_thoughts: int) -> tuple[list[Variant], list[dict]]:
     sites = [(l, k) for k in thoughts for l in layers]
     variants = [Variant((Patch(Site(l, k), activation(source, l, k)),)) for l, k in sites]
-    keys = [{"experiment": "position", "layer": l, "thought": k} for l, k in sites]
-    return _rows(runs, direction, keys, engine.run(ids, variants, runs.target))
+    return variants, [{"experiment": "position", "layer": l, "thought": k} for l, k in sites]
 
 
-def iterative_patching(engine: Engine, runs: PairRuns, layers: list[Layer], num_thoughts: int, direction: Direction = "denoising") -> list[dict]:
+def _iterative_variants(source: Readout, layers: list[Layer], thoughts: list[int], num_thoughts: int) -> tuple[list[Variant], list[dict]]:
     """Exp 2. Variant (l, i) patches only (l, i): with the source activation when i = 0, else
     with what variant (l, i-1) itself produced at (l, i). The batched engine runs every chain
     in one pass (each link reads its predecessor's activation in the same forward); the
-    reference engine runs the links one after another."""
-    ids, _, source = runs.roles(direction)
+    reference engine runs the links one after another. `from_variant` indices are local."""
     variants, keys = [], []
-    for l in layers:
-        for i in range(num_thoughts):
+    for i in range(num_thoughts):
+        for n, l in enumerate(layers):
             if i == 0:
                 patch = Patch(Site(l, 0), activation(source, l, 0))
             else:
-                patch = Patch(Site(l, i), None, from_variant=len(variants) - 1)
+                patch = Patch(Site(l, i), None, from_variant=len(variants) - len(layers))
             variants.append(Variant((patch,)))
             keys.append({"experiment": "iterative", "layer": l, "iteration": i})
+    return variants, keys
+
+
+BUILDERS = {"layer": _layer_variants, "position": _position_variants, "iterative": _iterative_variants}
+
+
+def patch_pair(
+    engine: Engine,
+    runs: PairRuns,
+    experiments: list[str],
+    layers: list[Layer],
+    thoughts: list[int],
+    num_thoughts: int,
+    direction: Direction = "denoising",
+) -> dict[str, list[dict]]:
+    """Every variant of the requested experiments for one pair, through one engine call (the
+    batched engine then needs a single pass of K thoughts and one read-out for all of them)."""
+    ids, _, source = runs.roles(direction)
+    variants: list[Variant] = []
+    spans: dict[str, tuple[int, list[dict]]] = {}
+    for exp in experiments:
+        vs, keys = BUILDERS[exp](source, layers, thoughts, num_thoughts)
+        off = len(variants)
+        # from_variant indices are local to each experiment's list: shift them
+        variants += [Variant(tuple(Patch(p.site, p.value, p.mode, None if p.from_variant is None else p.from_variant + off) for p in v.patches)) for v in vs]
+        spans[exp] = (off, keys)
     readouts = engine.run(ids, variants, runs.target)
-    for key, ro in zip(keys, readouts):
-        l, i = key["layer"], key["iteration"]
-        a = activation(ro, l, i)  # the activation this iteration patched in (a_i)
-        key |= {"norm": M.norm(a), "cos_clean": M.cos(a, activation(runs.clean, l, i)), "cos_corrupted": M.cos(a, activation(runs.corrupted, l, i))}
-    rows = _rows(runs, direction, keys, readouts)
-    return sorted(rows, key=lambda r: (r["iteration"], layers.index(r["layer"])))
+    out = {}
+    for exp, (off, keys) in spans.items():
+        ros = readouts[off : off + len(keys)]
+        if exp == "iterative":
+            for key, ro in zip(keys, ros):
+                l, i = key["layer"], key["iteration"]
+                a = activation(ro, l, i)  # the activation this iteration patched in (a_i)
+                key |= {"norm": M.norm(a), "cos_clean": M.cos(a, activation(runs.clean, l, i)), "cos_corrupted": M.cos(a, activation(runs.corrupted, l, i))}
+        out[exp] = _rows(runs, direction, keys, ros)
+    return out
+
+
+def layer_patching(engine: Engine, runs: PairRuns, layers: list[Layer], thoughts: list[int], direction: Direction = "denoising") -> list[dict]:
+    """Layer patching: for each layer, every thought in `thoughts` at once."""
+    return patch_pair(engine, runs, ["layer"], layers, thoughts, len(runs.clean.inputs), direction)["layer"]
+
+
+def position_patching(engine: Engine, runs: PairRuns, layers: list[Layer], thoughts: list[int], direction: Direction = "denoising") -> list[dict]:
+    """Exp 1: each single site (layer, thought)."""
+    return patch_pair(engine, runs, ["position"], layers, thoughts, len(runs.clean.inputs), direction)["position"]
+
+
+def iterative_patching(engine: Engine, runs: PairRuns, layers: list[Layer], num_thoughts: int, direction: Direction = "denoising") -> list[dict]:
+    """Exp 2: per layer, chained iterations (see `_iterative_variants`)."""
+    return patch_pair(engine, runs, ["iterative"], layers, [], num_thoughts, direction)["iterative"]
 
 
 def all_layers(model: CodiModel) -> list[Layer]:
