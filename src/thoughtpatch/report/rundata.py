@@ -1,0 +1,191 @@
+"""A finished run directory, read back for figures and reports (JSON only, no torch).
+
+Reads manifest.json, pairs.json, checks.json and, for each experiment present,
+<exp>/results.jsonl and <exp>/summary.json. Nothing else: a report can be rebuilt from a
+copied run directory without the model or the activation cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from thoughtpatch.errors import ThoughtpatchError
+from thoughtpatch.report.results import CELL_KEYS, read_rows
+
+EXPERIMENTS = ("layer", "position", "iterative")
+# The metrics every report and figure covers, in this order.
+MAIN_METRICS = ("kl", "answer_logit_diff", "logprob_diff", "recovered", "flip")
+SIGNED = {"answer_logit_diff", "logprob_diff", "recovered"}
+ACTIVATION_METRICS = ("cos_clean", "cos_corrupted", "norm")
+
+LABELS = {
+    "kl": "KL(patched ‖ receiving)",
+    "kl_to_clean": "KL(source ‖ patched)",
+    "answer_logit_diff": "answer logit diff (clean − corrupted)",
+    "logprob_diff": "log P(clean) − log P(corrupted)",
+    "recovered": "recovered (ratio of means)",
+    "flip": "flip rate (answer = source run's)",
+    "away": "away rate (answer ≠ receiving run's)",
+    "cos_clean": "cos(activation, clean)",
+    "cos_corrupted": "cos(activation, corrupted)",
+    "norm": "‖activation‖",
+}
+SHORT = {
+    "kl": "KL",
+    "kl_to_clean": "KL to source",
+    "answer_logit_diff": "logit diff",
+    "logprob_diff": "log-prob diff",
+    "recovered": "recovered",
+    "flip": "flip rate",
+    "away": "away rate",
+    "cos_clean": "cos to clean",
+    "cos_corrupted": "cos to corrupted",
+    "norm": "norm",
+}
+
+
+def layer_key(layer) -> int:
+    """Sort key: the input row (fed thought vector) first, then blocks 0…L−1."""
+    return -1 if layer == "input" else int(layer)
+
+
+def layer_name(layer) -> str:
+    return "input" if layer == "input" else f"L{layer}"
+
+
+def _as_layer(v):
+    return "input" if str(v) == "input" else int(v)
+
+
+def nan_if_none(v) -> float:
+    return math.nan if v is None else float(v)
+
+
+@dataclass
+class RunData:
+    run_dir: Path
+    manifest: dict
+    pairs: list[dict]
+    checks: list[dict]
+    rows: dict[str, list[dict]] = field(default_factory=dict)
+    summaries: dict[str, dict] = field(default_factory=dict)
+
+    # ---- what the run covered -------------------------------------------------------
+    @property
+    def experiments(self) -> list[str]:
+        return [e for e in EXPERIMENTS if e in self.rows]
+
+    @property
+    def direction(self) -> str:
+        return self.manifest.get("config", {}).get("direction", "denoising")
+
+    @property
+    def sign(self) -> int:
+        """+1 when moving towards the clean answer is the effect (denoising), −1 when noising."""
+        return 1 if self.direction == "denoising" else -1
+
+    @property
+    def source_role(self) -> str:
+        return "clean" if self.direction == "denoising" else "corrupted"
+
+    @property
+    def receiving_role(self) -> str:
+        return "corrupted" if self.direction == "denoising" else "clean"
+
+    @property
+    def layers(self) -> list:
+        if self.manifest.get("layers"):
+            return sorted((_as_layer(v) for v in self.manifest["layers"]), key=layer_key)
+        seen = {r["layer"] for rows in self.rows.values() for r in rows}
+        return sorted(seen, key=layer_key)
+
+    @property
+    def thoughts(self) -> list[int]:
+        if self.manifest.get("thoughts") is not None:
+            return [int(k) for k in self.manifest["thoughts"]]
+        return sorted({r["thought"] for r in self.rows.get("position", [])})
+
+    @property
+    def num_thoughts(self) -> int:
+        return int(self.manifest.get("model", {}).get("num_thoughts") or len(self.thoughts))
+
+    @property
+    def iterations(self) -> list[int]:
+        return sorted({r["iteration"] for r in self.rows.get("iterative", [])})
+
+    @property
+    def pair_ids(self) -> list[int]:
+        return [p["pair_id"] for p in self.pairs]
+
+    def n_pairs(self, exp: str) -> int:
+        return int(self.summaries[exp].get("n_pairs", len({r["pair_id"] for r in self.rows[exp]})))
+
+    @property
+    def model_name(self) -> str:
+        m = self.manifest.get("model", {})
+        ck = str(m.get("checkpoint", "?"))
+        return Path(ck).name or ck
+
+    @property
+    def run_id(self) -> str:
+        """A run is its directory name and start time (a resumed run keeps both)."""
+        return f"{self.run_dir.name}@{self.manifest.get('started', 'unknown')}"
+
+    # ---- aggregated cells -----------------------------------------------------------
+    def cells(self, exp: str) -> dict[tuple, dict]:
+        """(cell key tuple) → summary cell, keys as in CELL_KEYS."""
+        out = {}
+        for c in self.summaries[exp]["cells"]:
+            key = tuple(_as_layer(c[k]) if k == "layer" else c[k] for k in CELL_KEYS[exp])
+            out[key] = c
+        return out
+
+    def stat(self, exp: str, key: tuple, metric: str, what: str = "mean") -> float:
+        c = self.cells(exp).get(key)
+        if c is None or metric not in c["metrics"]:
+            return math.nan
+        m = c["metrics"][metric]
+        if metric == "recovered" and what != "mean":
+            # a ratio of means has no per-cell CI in summary.json
+            return nan_if_none(m.get("n")) if what == "n" else math.nan
+        return nan_if_none(m.get(what))
+
+    def pair_rows(self, exp: str) -> dict[int, list[dict]]:
+        out: dict[int, list[dict]] = {}
+        for r in self.rows.get(exp, []):
+            out.setdefault(r["pair_id"], []).append(r)
+        return out
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ThoughtpatchError(f"{path}: {what} not found — is this a thoughtpatch run directory?") from None
+    except json.JSONDecodeError as e:
+        raise ThoughtpatchError(f"{path}: malformed JSON ({e})") from None
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ThoughtpatchError(f"run directory '{run_dir}' not found")
+    manifest = _read_json(run_dir / "manifest.json", "manifest")
+    pairs = _read_json(run_dir / "pairs.json", "pairs file")
+    checks_path = run_dir / "checks.json"
+    checks = _read_json(checks_path, "checks")["checks"] if checks_path.exists() else []
+    data = RunData(run_dir, manifest, pairs, checks)
+    for exp in EXPERIMENTS:
+        res, summ = run_dir / exp / "results.jsonl", run_dir / exp / "summary.json"
+        if res.exists() and summ.exists():
+            rows = read_rows(res)
+            for r in rows:
+                r["layer"] = _as_layer(r["layer"])
+            data.rows[exp] = rows
+            data.summaries[exp] = _read_json(summ, "summary")
+    if not data.rows:
+        raise ThoughtpatchError(f"{run_dir}: no experiment results (expected layer/, position/ or iterative/ with results.jsonl and summary.json)")
+    return data
