@@ -38,7 +38,7 @@ def tiny(tmp_path_factory):
 
 def _cfg(tiny, out, **kw) -> RunConfig:
     ckpt, base, pairs = tiny
-    return RunConfig(model=str(ckpt), base=str(base), pairs=str(pairs), out=str(out), wandb="disabled", max_new_tokens=6, **kw)
+    return RunConfig(model=str(ckpt), base=str(base), pairs=str(pairs), out=str(out), wandb="disabled", max_new_tokens=6, report=False, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_recovered_summary_is_ratio_of_means(full_run):
 def test_resume_after_sigkill_is_identical(tiny, full_run, tmp_path):
     ckpt, base, pairs = tiny
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "thoughtpatch", "run", "--model", str(ckpt), "--base", str(base), "--pairs", str(pairs), "--out", str(out), "--wandb", "disabled", "--max-new-tokens", "6"]
+    cmd = [sys.executable, "-m", "thoughtpatch", "run", "--model", str(ckpt), "--base", str(base), "--pairs", str(pairs), "--out", str(out), "--wandb", "disabled", "--max-new-tokens", "6", "--no-report"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = out / "position" / "results.jsonl"
     deadline = time.time() + 120
@@ -125,7 +125,7 @@ def test_cache_from_another_pair_set_is_refused(tiny, full_run, tmp_path):
     for role in ("clean", "corrupted"):
         (out / f"{role}_activations.safetensors").write_bytes((full_run / f"{role}_activations.safetensors").read_bytes())
     other = _pairs(tmp_path / "other_pairs.json", 3)
-    cfg = RunConfig(model=str(ckpt), base=str(base), pairs=str(other), out=str(out), wandb="disabled", max_new_tokens=6)
+    cfg = RunConfig(model=str(ckpt), base=str(base), pairs=str(other), out=str(out), wandb="disabled", max_new_tokens=6, report=False)
     with pytest.raises(ThoughtpatchError, match="made with pairs_sha256"):
         run_experiments(cfg, progress=False, log=lambda s: None)
 
@@ -137,7 +137,7 @@ def test_cache_from_another_model_is_refused(tiny, full_run, tmp_path):
     out.mkdir()
     for role in ("clean", "corrupted"):
         (out / f"{role}_activations.safetensors").write_bytes((full_run / f"{role}_activations.safetensors").read_bytes())
-    cfg = RunConfig(model=str(ckpt2), base=str(base2), pairs=str(pairs), out=str(out), wandb="disabled", max_new_tokens=6)
+    cfg = RunConfig(model=str(ckpt2), base=str(base2), pairs=str(pairs), out=str(out), wandb="disabled", max_new_tokens=6, report=False)
     with pytest.raises(ThoughtpatchError, match="made with model"):
         run_experiments(cfg, progress=False, log=lambda s: None)
 

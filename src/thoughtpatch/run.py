@@ -45,6 +45,7 @@ class RunConfig:
     wandb: str | None = None  # online | offline | disabled; default offline unless a key is set
     resume: bool = False
     report: bool = True
+    shard: str | None = None  # "i/n": only the pairs at positions p (after test_mode) with p % n == i
 
     # Settings that change results: a resumed run must match them.
     RESULT_KEYS = ("model", "base", "pairs", "layers", "thoughts", "direction", "dtype", "lora_alpha", "num_thoughts", "test_mode", "max_new_tokens", "stop", "engine")
@@ -61,6 +62,8 @@ class RunConfig:
         bad = [e for e in self.experiments if e not in EXPERIMENTS]
         if bad:
             raise ThoughtpatchError(f"unknown experiment(s) {bad}; choose from {', '.join(EXPERIMENTS)}")
+        if self.shard is not None:
+            parse_shard(self.shard)
 
     @staticmethod
     def from_toml(path: str | Path, **overrides) -> "RunConfig":
@@ -105,6 +108,22 @@ def parse_range(spec: str | None, universe: list, what: str) -> list:
     if missing:
         raise ThoughtpatchError(f"--{what}: {sorted(map(str, missing))} not in this model (have {universe[0]}…{universe[-1]})")
     return [u for u in universe if u in chosen]
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """"i/n" → (i, n) with 0 ≤ i < n. Shard i of n holds the pairs at positions p with p % n == i
+    (positions in the pair file, after --test-mode), so n shards partition any pair set."""
+    parts = str(spec).split("/")
+    if len(parts) != 2 or not all(x.strip().isdigit() for x in parts):
+        raise ThoughtpatchError(f"--shard: cannot read '{spec}' (want i/n, e.g. 0/4)")
+    i, n = int(parts[0]), int(parts[1])
+    if n < 1 or i >= n:
+        raise ThoughtpatchError(f"--shard {spec}: need 0 <= i < n")
+    return i, n
+
+
+def pairs_sha256(pairs: list[Pair]) -> str:
+    return hashlib.sha256(json.dumps([p.to_dict() for p in pairs], sort_keys=True).encode()).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -188,8 +207,56 @@ def _versions() -> dict:
     return v
 
 
-def run_experiments(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] | None = None) -> Path:
-    """Run what `cfg` asks for into its run directory; returns the directory."""
+def distributed_state():
+    """accelerate's PartialState when this process is one of several (`accelerate launch`,
+    torchrun), else None. Without an accelerator (or with ACCELERATE_USE_CPU) the processes
+    talk over gloo on CPU."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    acc = getattr(torch, "accelerator", None)
+    has_acc = acc.is_available() if acc is not None else torch.cuda.is_available()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not has_acc)
+    return state if state.num_processes > 1 else None
+
+
+def _run_distributed(cfg: RunConfig, state, progress: bool, log: Callable[[str], None] | None) -> Path:
+    """One shard per process (shard rank/world into OUT/shard-{rank}-of-{world}, the model on the
+    process's device); when all are done, rank 0 merges them into OUT."""
+    from accelerate.utils import broadcast_object_list
+
+    from thoughtpatch.report.merge import merge_runs
+
+    rank, world = state.process_index, state.num_processes
+    say = log or (lambda s: print(s, file=sys.stderr))
+    out = [cfg.out or str(Path("runs") / f"{Path(str(cfg.model)).name}-{time.strftime('%Y%m%d-%H%M%S')}")]
+    broadcast_object_list(out)  # one directory for every process (the default name has the time in it)
+    root = Path(out[0])
+    if (root / "manifest.json").exists() and not cfg.resume:
+        raise ThoughtpatchError(f"{root} already holds a run; pass --resume to continue it or choose another --out")
+    shard_dirs = [root / f"shard-{r}-of-{world}" for r in range(world)]
+    shard_cfg = dataclasses.replace(cfg, shard=f"{rank}/{world}", out=str(shard_dirs[rank]), report=False)
+    shard_log = say if state.is_main_process else (lambda s: say(f"[rank {rank}] {s}"))
+    run_experiments(shard_cfg, progress=progress and state.is_main_process, log=shard_log, device=state.device)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        merge_runs(shard_dirs, root, overwrite=cfg.resume, report=cfg.report, log=say)
+    state.wait_for_everyone()
+    return root
+
+
+def run_experiments(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] | None = None, device=None) -> Path:
+    """Run what `cfg` asks for into its run directory; returns the directory. Under
+    `accelerate launch` (several processes) the pairs are split across the processes and rank 0
+    merges the shards into the run directory."""
+    if cfg.shard is None and (state := distributed_state()) is not None:
+        cfg.validate()
+        return _run_distributed(cfg, state, progress, log)
     import torch
 
     from thoughtpatch.model import load_model
@@ -197,7 +264,7 @@ def run_experiments(cfg: RunConfig, progress: bool = True, log: Callable[[str], 
     from thoughtpatch.model.loader import resolve_model
     from thoughtpatch.patching import checks as C
     from thoughtpatch.patching.engine import BatchedEngine, ReferenceEngine, Target
-    from thoughtpatch.patching.experiments import PairRuns, all_layers, iterative_patching, layer_patching, pair_runs, position_patching
+    from thoughtpatch.patching.experiments import PairRuns, all_layers, pair_runs, patch_pair
     from thoughtpatch.report.cache import load_cache, save_cache
     from thoughtpatch.report.results import ResultsWriter, read_rows, write_summary
     from thoughtpatch.report.tracking import Tracker
@@ -210,8 +277,14 @@ def run_experiments(cfg: RunConfig, progress: bool = True, log: Callable[[str], 
         pairs = pairs[:5]
     if not pairs:
         raise ThoughtpatchError(f"{pairs_path}: no pairs")
+    full_pairs = pairs
+    shard = parse_shard(cfg.shard) if cfg.shard else None
+    if shard:
+        pairs = [p for pos, p in enumerate(full_pairs) if pos % shard[1] == shard[0]]
+        if not pairs:
+            raise ThoughtpatchError(f"--shard {cfg.shard}: this shard has no pairs ({len(full_pairs)} pairs in {pairs_path})")
     ckpt_path, _ = resolve_model(cfg.model, cfg.base)
-    model = load_model(cfg.model, base=cfg.base, dtype=cfg.dtype, lora_alpha=cfg.lora_alpha, num_thoughts=cfg.num_thoughts)
+    model = load_model(cfg.model, base=cfg.base, dtype=cfg.dtype, lora_alpha=cfg.lora_alpha, num_thoughts=cfg.num_thoughts, device=device or "cpu")
     layers = parse_range(cfg.layers, all_layers(model), "layers")
     thoughts = parse_range(cfg.thoughts, list(range(model.num_thoughts)), "thoughts")
     k_total = model.num_thoughts
@@ -234,6 +307,9 @@ def run_experiments(cfg: RunConfig, progress: bool = True, log: Callable[[str], 
             "stop_ids": list(stop_ids),
         },
         "pairs": {"path": str(pairs_path), "sha256": hashlib.sha256(json.dumps([p.to_dict() for p in pairs], sort_keys=True).encode()).hexdigest(), "n": len(pairs), "ids": [p.pair_id for p in pairs]},
+        # The whole set the shards split (the same as the above when unsharded); merge checks it.
+        "full_pairs": {"sha256": pairs_sha256(full_pairs), "n": len(full_pairs), "ids": [p.pair_id for p in full_pairs]},
+        "shard": {"index": shard[0], "count": shard[1]} if shard else None,
         "layers": [str(l) for l in layers],
         "thoughts": thoughts,
         "versions": _versions(),
@@ -303,30 +379,26 @@ def run_experiments(cfg: RunConfig, progress: bool = True, log: Callable[[str], 
 
         engine = BatchedEngine(model, cfg.batch_size) if cfg.engine == "batched" else ReferenceEngine(model)
         per_pair = {"layer": len(layers), "position": len(layers) * len(thoughts), "iterative": len(layers) * k_total}
+        exps = [e for e in EXPERIMENTS if e in cfg.experiments]
+        # The experiments reuse the activation cache from disk, after checking it is this run's.
+        cached = {role: load_cache(path, model, cache_meta | {"role": role}) for role, path in cache_paths.items()}
+        runs = runs_from(cached["clean"], cached["corrupted"])
+        writers = {e: ResultsWriter(out / e / "results.jsonl", per_pair[e]) for e in exps}
+        todo = [r for r in runs if any(r.pair.pair_id not in w.done for w in writers.values())]
+        t0 = time.perf_counter()
+        step = prog.task(f"patching ({', '.join(exps)})", len(runs), done=len(runs) - len(todo))
+        for r in todo:
+            # One engine call per pair for every experiment still missing: a single pass.
+            missing = [e for e in exps if r.pair.pair_id not in writers[e].done]
+            rows = patch_pair(engine, r, missing, layers, thoughts, k_total, cfg.direction)
+            for e in missing:
+                writers[e].write_pair(rows[e])
+                tracker.log_pair(rows[e])
+            step()
+        timings["patching"] = time.perf_counter() - t0
         results: dict[str, list[dict]] = {}
-        for exp in EXPERIMENTS:
-            if exp not in cfg.experiments:
-                continue
-            t0 = time.perf_counter()
-            if exp == "iterative":
-                # Exp 2 reuses the cache from disk, after checking it belongs to this run.
-                cached = {role: load_cache(path, model, cache_meta | {"role": role}) for role, path in cache_paths.items()}
-                runs = runs_from(cached["clean"], cached["corrupted"])
-            writer = ResultsWriter(out / exp / "results.jsonl", per_pair[exp])
-            todo = [r for r in runs if r.pair.pair_id not in writer.done]
-            step = prog.task(f"{exp} patching", len(runs), done=len(runs) - len(todo))
-            for r in todo:
-                if exp == "layer":
-                    rows = layer_patching(engine, r, layers, thoughts, cfg.direction)
-                elif exp == "position":
-                    rows = position_patching(engine, r, layers, thoughts, cfg.direction)
-                else:
-                    rows = iterative_patching(engine, r, layers, k_total, cfg.direction)
-                writer.write_pair(rows)
-                tracker.log_pair(rows)
-                step()
-            timings[exp] = time.perf_counter() - t0
-            results[exp] = read_rows(writer.path)
+        for exp in exps:
+            results[exp] = read_rows(writers[exp].path)
             doc = write_summary(out / exp / "summary.json", results[exp], exp, {"direction": cfg.direction, "model": manifest["model"]["checkpoint"]})
             tracker.log_summary(exp, doc["cells"])
 
@@ -348,6 +420,10 @@ def run_experiments(cfg: RunConfig, progress: bool = True, log: Callable[[str], 
     if wandb_dir:
         manifest["wandb_dir"] = wandb_dir
     atomic_write_text(mf, json.dumps(manifest, indent=1) + "\n")
+    if cfg.report:
+        from thoughtpatch.report.markdown import write_reports
+
+        write_reports(out)
     failed = [c["name"] for c in checks if c["verdict"] == "fail"]
     say(f"checks: {sum(c['verdict'] == 'pass' for c in checks)} pass, {len(failed)} fail{' (' + ', '.join(failed) + ')' if failed else ''}, {sum(c['verdict'] == 'info' for c in checks)} info")
     say(f"wrote {out} in {timings['total']:.1f} s")

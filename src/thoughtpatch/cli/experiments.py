@@ -29,6 +29,8 @@ def _register(name: str, experiments: list[str], doc: str) -> None:
         engine: str = typer.Option(None, "--engine", help="batched (default) or reference (one variant at a time)."),
         lora_alpha: float = typer.Option(None, "--lora-alpha", help="LoRA alpha (default from thoughtpatch.json, else 32)."),
         num_thoughts: int = typer.Option(None, "--num-thoughts", help="K latent thoughts (default: the model's own)."),
+        report: bool = typer.Option(None, "--report/--no-report", help="Write figures and reports (default: yes)."),
+        shard: str = typer.Option(None, "--shard", help="i/n: only the pairs at positions p with p % n == i, for `thoughtpatch merge` (automatic under accelerate launch)."),
     ) -> None:
         given = {k: v for k, v in locals().items() if k not in ("config", "name", "experiments") and v is not None}
         from thoughtpatch.run import RunConfig, run_experiments

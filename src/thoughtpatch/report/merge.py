@@ -1,0 +1,245 @@
+"""Merge shard run directories into one run directory, as if the run had not been split.
+
+Shards come from `thoughtpatch run --shard i/n` (shard i holds the pairs at positions p with
+p % n == i) or from the processes of `accelerate launch`. The merged directory is a complete
+run directory (it can be resumed, re-reported or merged again):
+
+* `results.jsonl` per experiment: the shards' rows, in the pair set's original order
+  (the rows themselves are copied verbatim);
+* `summary.json`: recomputed over the union with `write_summary`;
+* the clean / corrupted activation caches: the shards' tensors in one file, with the
+  metadata of the whole pair set;
+* `checks.json`: the baseline accuracies as count-weighted means over the shards, the
+  aggregate checks (grid, iterative) recomputed over the union, and the per-pair checks that
+  run the model (self-patch, all sites) taken from the shard that holds the first pair;
+* `pairs.json` and `manifest.json` for the whole set (`merged_from` lists the shards).
+
+Refused: shards of different result settings, model weights or pair sets, shards that
+overlap or leave pairs out, and shards that have not finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+from thoughtpatch.data.schema import atomic_write_text
+from thoughtpatch.errors import ThoughtpatchError
+
+EXPERIMENTS = ("layer", "position", "iterative")
+BASELINE_CHECKS = ("baseline_accuracy_clean", "baseline_accuracy_corrupted", "accuracy_thoughts_zeroed")
+# Checks that are functions of results.jsonl alone: recomputed over the union.
+AGGREGATE_CHECKS = {
+    "sum_single_kl_vs_layer_kl", "layer0_thought0_vs_median", "heatmap_nonuniform", "first_pair_best_cell_logit_diff",
+    "iteration0_equals_exp1", "activations_change_between_iterations", "no_nan", "final_iteration_vs_exp1_and_layer",
+}
+CACHE_ROLES = ("clean", "corrupted")
+
+
+def _manifest(d: Path) -> dict:
+    mf = d / "manifest.json"
+    if not mf.is_file():
+        raise ThoughtpatchError(f"{d}: not a run directory (no manifest.json)")
+    m = json.loads(mf.read_text())
+    if "finished" not in m:
+        raise ThoughtpatchError(f"{d}: the run has not finished (resume it first)")
+    if "full_pairs" not in m:
+        raise ThoughtpatchError(f"{d}: manifest.json has no full_pairs (written by an older thoughtpatch); rerun it")
+    return m
+
+
+def _experiments(m: dict) -> list[str]:
+    return [e for e in EXPERIMENTS if e in m["config"].get("experiments", EXPERIMENTS)]
+
+
+def check_compatible(dirs: list[Path], manifests: list[dict]) -> None:
+    """Same result settings (all but the shard), model weights, full pair set, experiments."""
+    ref_dir, ref = dirs[0], manifests[0]
+    for d, m in zip(dirs[1:], manifests[1:]):
+        rc, rr = m.get("result_config", {}), ref.get("result_config", {})
+        diff = sorted(k for k in set(rc) | set(rr) if k != "shard" and rc.get(k) != rr.get(k))
+        if m["model"]["sha256"] != ref["model"]["sha256"]:
+            diff.append("model weights")
+        if m["full_pairs"]["sha256"] != ref["full_pairs"]["sha256"]:
+            diff.append("pair set")
+        if _experiments(m) != _experiments(ref):
+            diff.append("experiments")
+        if m.get("layers") != ref.get("layers") or m.get("thoughts") != ref.get("thoughts"):
+            diff.append("layers/thoughts")
+        if diff:
+            raise ThoughtpatchError(f"{d}: not a shard of the same run as {ref_dir} ({', '.join(diff)} differ)")
+
+
+def _order_shards(dirs: list[Path], manifests: list[dict]) -> dict[int, Path]:
+    """Which shard holds each pair; refuses overlaps and gaps."""
+    full = manifests[0]["full_pairs"]["ids"]
+    known = set(full)
+    owner: dict[int, Path] = {}
+    for d, m in zip(dirs, manifests):
+        for pid in m["pairs"]["ids"]:
+            if pid in owner:
+                raise ThoughtpatchError(f"pair {pid} is in both {owner[pid]} and {d}; shards must not overlap")
+            if pid not in known:
+                raise ThoughtpatchError(f"{d}: pair {pid} is not in the pair set")
+            owner[pid] = d
+    missing = [pid for pid in full if pid not in owner]
+    if missing:
+        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ThoughtpatchError(f"the shards leave out {len(missing)} of {len(full)} pairs: {', '.join(map(str, missing[:5]))}{more}; pass every shard")
+    return owner
+
+
+def _merge_results(dirs: list[Path], out: Path, exp: str, pos: dict[int, int]) -> Path:
+    lines: list[tuple[int, str]] = []
+    for d in dirs:
+        path = d / exp / "results.jsonl"
+        if not path.is_file():
+            raise ThoughtpatchError(f"{path}: missing")
+        for line in path.read_text().splitlines():
+            if line.strip():
+                lines.append((pos[json.loads(line)["pair_id"]], line))
+    lines.sort(key=lambda t: t[0])  # stable: each pair's rows keep their order
+    dest = out / exp / "results.jsonl"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(dest, "".join(line + "\n" for _, line in lines))
+    return dest
+
+
+def merge_caches(paths: list[Path], dest: Path, pairs_sha256: str) -> None:
+    """One activation cache from the shards' caches (same tensors, the whole set's metadata)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from thoughtpatch.report.cache import CHECKED
+
+    tensors, pair_ids, meta0 = {}, [], None
+    for path in paths:
+        try:
+            f = safe_open(str(path), "pt")
+            meta = json.loads(f.metadata()["thoughtpatch"])
+        except Exception as e:  # noqa: BLE001
+            raise ThoughtpatchError(f"{path}: not a thoughtpatch activation cache ({type(e).__name__})") from None
+        if meta0 is None:
+            meta0 = meta
+        bad = [k for k in CHECKED if k != "pairs_sha256" and meta.get(k) != meta0.get(k)]
+        if bad:
+            raise ThoughtpatchError(f"{path}: cache made with other {', '.join(bad)} than {paths[0]}")
+        for key in f.keys():
+            tensors[key] = f.get_tensor(key)
+        pair_ids += meta["pair_ids"]
+    meta = dict(meta0)
+    meta["pairs_sha256"] = pairs_sha256
+    meta["pair_ids"] = sorted(pair_ids)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"thoughtpatch": json.dumps(meta)})
+    tmp.replace(dest)
+
+
+def merge_baseline(checks_by_shard: list[list[dict]], sizes: list[int]) -> list[dict]:
+    """The baseline accuracies over the union: count-weighted means of the shards' values."""
+    from thoughtpatch.patching.checks import check
+
+    counts = {name: 0 for name in BASELINE_CHECKS}
+    for checks, n in zip(checks_by_shard, sizes):
+        by = {c["name"]: c for c in checks}
+        for name in BASELINE_CHECKS:
+            if name not in by:
+                raise ThoughtpatchError(f"a shard's checks.json has no {name}")
+            denom = 2 * n if name == "accuracy_thoughts_zeroed" else n
+            counts[name] += round(by[name]["value"] * denom)
+    n = sum(sizes)
+    clean, corr, ablated = (counts[k] for k in BASELINE_CHECKS)
+    return [
+        check("baseline_accuracy_clean", clean / n, "info", f"{clean}/{n} clean questions answered right (greedy)"),
+        check("baseline_accuracy_corrupted", corr / n, "info", f"{corr}/{n} corrupted questions answered right"),
+        check("accuracy_thoughts_zeroed", ablated / (2 * n), "info", f"{ablated}/{2 * n} questions right with every fed thought zeroed (is the model using its thoughts here?)"),
+    ]
+
+
+def merge_runs(
+    dirs: list[str | Path], out: str | Path, overwrite: bool = False, report: bool = True, log: Callable[[str], None] | None = None
+) -> Path:
+    """Merge finished shard run directories into `out`; returns `out`."""
+    from thoughtpatch.patching import checks as C
+    from thoughtpatch.report.results import read_rows, write_summary
+
+    say = log or (lambda s: print(s, file=sys.stderr))
+    dirs = [Path(d) for d in dirs]
+    out = Path(out)
+    if not dirs:
+        raise ThoughtpatchError("merge: no run directories given")
+    if any(d.resolve() == out.resolve() for d in dirs):
+        raise ThoughtpatchError(f"--out {out} is one of the shards; merge into another directory")
+    manifests = [_manifest(d) for d in dirs]
+    check_compatible(dirs, manifests)
+    owner = _order_shards(dirs, manifests)
+    if (out / "manifest.json").exists() and not overwrite:
+        raise ThoughtpatchError(f"{out} already holds a run; choose another --out (or --overwrite)")
+    full = manifests[0]["full_pairs"]
+    pos = {pid: i for i, pid in enumerate(full["ids"])}
+    # Shards in the order of their first pair; the first holds the first pair.
+    order = sorted(range(len(dirs)), key=lambda i: pos[manifests[i]["pairs"]["ids"][0]])
+    dirs, manifests = [dirs[i] for i in order], [manifests[i] for i in order]
+    first = manifests[0]
+    assert owner[full["ids"][0]] == dirs[0]
+
+    # pairs.json: the whole set, in its order, and it must be the set the shards were cut from.
+    by_id = {}
+    for d in dirs:
+        for p in json.loads((d / "pairs.json").read_text()):
+            by_id[p["pair_id"]] = p
+    pairs = [by_id[pid] for pid in full["ids"]]
+    if hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest() != full["sha256"]:
+        raise ThoughtpatchError(f"the shards' pairs.json do not make up the pair set they were cut from ({full['sha256'][:12]}…)")
+    out.mkdir(parents=True, exist_ok=True)
+
+    direction = first["config"]["direction"]
+    results: dict[str, list[dict]] = {}
+    for exp in _experiments(first):
+        path = _merge_results(dirs, out, exp, pos)
+        results[exp] = read_rows(path)
+        write_summary(out / exp / "summary.json", results[exp], exp, {"direction": direction, "model": first["model"]["checkpoint"]})
+    for role in CACHE_ROLES:
+        merge_caches([d / f"{role}_activations.safetensors" for d in dirs], out / f"{role}_activations.safetensors", full["sha256"])
+    atomic_write_text(out / "pairs.json", json.dumps(pairs, indent=1) + "\n")
+
+    shard_checks = [json.loads((d / "checks.json").read_text())["checks"] for d in dirs]
+    checks = merge_baseline(shard_checks, [m["pairs"]["n"] for m in manifests])
+    checks += [c for c in shard_checks[0] if c["name"] not in BASELINE_CHECKS and c["name"] not in AGGREGATE_CHECKS]
+    if "position" in results and "layer" in results:
+        checks += C.grid_checks(results["position"], results["layer"], direction)
+    if "iterative" in results and "position" in results:
+        checks += C.iterative_checks(results["iterative"], results["position"], results.get("layer", []), SimpleNamespace(num_thoughts=first["model"]["num_thoughts"]))
+    atomic_write_text(out / "checks.json", json.dumps({"checks": checks}, indent=1) + "\n")
+
+    manifest = {k: v for k, v in first.items() if k not in ("wandb_dir", "resumed", "timings_s", "device", "finished", "started")}
+    manifest["config"] = first["config"] | {"shard": None, "out": str(out)}
+    manifest["pairs"] = {"path": first["pairs"]["path"], "sha256": full["sha256"], "n": full["n"], "ids": full["ids"]}
+    manifest["shard"] = None
+    manifest["started"] = min(m["started"] for m in manifests if m.get("started"))
+    manifest["finished"] = max(m["finished"] for m in manifests)
+    timings: dict[str, float] = {}
+    for m in manifests:
+        for k, v in m.get("timings_s", {}).items():
+            timings[k] = round(timings.get(k, 0.0) + v, 3)
+    manifest["timings_s"] = timings  # summed over the shards (process-seconds)
+    manifest["merged"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    manifest["merged_from"] = [
+        {"dir": str(d), "shard": m.get("shard"), "n": m["pairs"]["n"], "device": m.get("device"), "timings_s": m.get("timings_s"), "started": m.get("started"), "finished": m.get("finished")}
+        for d, m in zip(dirs, manifests)
+    ]
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+
+    failed = [c["name"] for c in checks if c["verdict"] == "fail"]
+    say(f"merged {len(dirs)} shard(s), {full['n']} pairs, into {out}; checks: {sum(c['verdict'] == 'pass' for c in checks)} pass, {len(failed)} fail{' (' + ', '.join(failed) + ')' if failed else ''}")
+    if report:
+        from thoughtpatch.report.markdown import write_reports
+
+        write_reports(out)
+    return out
