@@ -4,8 +4,10 @@ CODI model: all three experiments (layer, Exp 1, Exp 2) for N pairs.
     python bench/engine_speed.py --quick --json     # mid-size shape, a few minutes on 2 CPU cores
     python bench/engine_speed.py --json             # LLaMA-3.2-1B shape, 1 pair
 
+Both engines run all three experiments of a pair through one call (as `thoughtpatch run`).
 Prints one JSON line: ratio (reference seconds / batched seconds), max_abs_diff (largest
-difference of any metric between the engines), shape, and both timings."""
+difference of any metric between the engines, and per metric), max_rel_diff (differences
+relative to max(1, |value|)), shape, and both timings."""
 
 from __future__ import annotations
 
@@ -19,27 +21,30 @@ import torch
 from thoughtpatch.data.schema import Pair, Problem
 from thoughtpatch.model.synthetic import SHAPES, question, random_codi
 from thoughtpatch.patching.engine import BatchedEngine, ReferenceEngine
-from thoughtpatch.patching.experiments import all_layers, iterative_patching, layer_patching, pair_runs, position_patching
+from thoughtpatch.patching.experiments import all_layers, pair_runs, patch_pair
 
 
 def all_experiments(engine, model, runs):
+    """All three experiments of every pair, one engine call per pair (as `thoughtpatch run`)."""
     layers, thoughts = all_layers(model), list(range(model.num_thoughts))
     rows = []
     for r in runs:
-        rows += layer_patching(engine, r, layers, thoughts)
-        rows += position_patching(engine, r, layers, thoughts)
-        rows += iterative_patching(engine, r, layers, model.num_thoughts)
+        for exp_rows in patch_pair(engine, r, ["layer", "position", "iterative"], layers, thoughts, model.num_thoughts).values():
+            rows += exp_rows
     return rows
 
 
-def max_diff(a: list[dict], b: list[dict]) -> float:
-    worst = 0.0
+def max_diffs(a: list[dict], b: list[dict], relative: bool = False) -> dict[str, float]:
+    """Largest |difference| per metric (relative: divided by max(1, |reference value|)); inf
+    where a non-float field (the answer, flip) differs."""
+    worst: dict[str, float] = {}
     for ra, rb in zip(a, b, strict=True):
         for k, x in ra.items():
             if isinstance(x, float) and not (math.isnan(x) and math.isnan(rb[k])):
-                worst = max(worst, abs(x - rb[k]))
-            elif x != rb[k]:
-                return math.inf
+                d = abs(x - rb[k]) / (max(1.0, abs(rb[k])) if relative else 1.0)
+                worst[k] = max(worst.get(k, 0.0), d)
+            elif x != rb[k] and not isinstance(x, str):
+                worst[k] = math.inf
     return worst
 
 
@@ -72,9 +77,14 @@ def main() -> None:
 
     bat_rows, bat_s = timed(BatchedEngine(model))
     ref_rows, ref_s = timed(ReferenceEngine(model))
+    diffs = max_diffs(bat_rows, ref_rows)
     out = {
         "ratio": round(ref_s / bat_s, 2),
-        "max_abs_diff": max_diff(bat_rows, ref_rows),
+        "max_abs_diff": max(diffs.values()),
+        "max_abs_diff_by_metric": {k: float(f"{v:.3g}") for k, v in diffs.items()},
+        # `recovered` divides by the clean–corrupted log-prob gap, tiny for random weights: its
+        # absolute error is the log-prob error over that gap. Relative to max(1, |value|):
+        "max_rel_diff": max(max_diffs(bat_rows, ref_rows, relative=True).values()),
         "shape": shape.describe(),
         "reference_s": round(ref_s, 2),
         "batched_s": round(bat_s, 2),
