@@ -22,6 +22,7 @@ from thoughtpatch.cli import experiments as _experiments  # noqa: E402,F401
 from thoughtpatch.cli import report as _report  # noqa: E402,F401
 from thoughtpatch.cli import scale as _scale  # noqa: E402,F401
 from thoughtpatch.cli import model as _model  # noqa: E402,F401
+from thoughtpatch.cli import evaluate as _evaluate  # noqa: E402,F401
 from thoughtpatch.cli import pairs as _pairs  # noqa: E402,F401
 from thoughtpatch.cli import synth as _synth  # noqa: E402,F401
 from thoughtpatch.cli import toy as _toy  # noqa: E402,F401

@@ -2,9 +2,51 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import typer
 
 from thoughtpatch.cli import app
 
 toy_app = typer.Typer(help="The organism: a tiny CODI trained on synthetic arithmetic.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
+
+
+@toy_app.command("train")
+def train_cmd(
+    out: Path = typer.Option(..., "--out", help="Output directory (a CODI checkpoint dir that is also its own base)."),
+    minutes: float = typer.Option(None, "--minutes", help="Scale the step budget: steps = 4000 * M / 30 (the default, 4000 steps, takes ~30 min on 2 CPU threads)."),
+    steps: int = typer.Option(None, "--steps", help="Exact number of optimiser steps (overrides --minutes)."),
+    seed: int = typer.Option(0, "--seed", help="Seed: same seed, same steps, same threads -> identical weights."),
+    threads: int = typer.Option(2, "--threads", help="CPU threads (results are bit-identical only for the same count)."),
+    eval_n: int = typer.Option(None, "--eval-n", help="Held-out problems for the model card's accuracy table (default: all 600)."),
+) -> None:
+    """Train the organism with CODI's recipe (deterministic for a seed on CPU) and write it to --out."""
+    # Two threads on two shared cores: spinning OpenMP workers stall badly when another
+    # process holds a core; passive waiting keeps the speed steady. Must precede torch.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from rich.console import Console
+
+    from thoughtpatch.errors import ThoughtpatchError
+    from thoughtpatch.model.organism.train import TrainConfig, steps_for_minutes, train
+
+    cfg = TrainConfig(seed=seed, threads=threads)
+    if steps is not None:
+        cfg.steps = steps
+    elif minutes is not None:
+        if minutes <= 0:
+            raise ThoughtpatchError("--minutes must be positive")
+        cfg.steps = steps_for_minutes(minutes)
+    if cfg.steps < 1:
+        raise ThoughtpatchError("--steps must be positive")
+    con = Console(stderr=True)
+    con.print(f"training the organism: {cfg.steps} steps, seed {seed}, {threads} threads -> {out}")
+    train(cfg, out_dir=out, eval_problems=eval_n)
+    import json
+
+    acc = json.loads((out / "thoughtpatch.json").read_text())["accuracy"]
+    from thoughtpatch.model.organism.export import accuracy_markdown
+
+    con.print(accuracy_markdown(acc))
+    con.print(f"wrote {out}")
