@@ -105,14 +105,18 @@ def grid_checks(position: list[dict], layer: list[dict], direction: Direction) -
     cv = statistics.pstdev(vals) / mean if vals and mean > 0 else math.nan
     out.append(check("heatmap_nonuniform", cv, "pass" if cv >= 0.1 else "fail", "coefficient of variation of the mean-KL grid over (layer, thought) cells (pass ≥ 0.1)"))
     if position:
-        best = max(grid, key=grid.get)
-        first = min(r["pair_id"] for r in position)
-        row = next(r for r in position if r["pair_id"] == first and (r["layer"], r["thought"]) == best)
+        # "Most effective" = moves the answer furthest towards the source on average (KL alone
+        # also rewards cells that merely break the run).
         sign = 1 if direction == "denoising" else -1
+        toward = _mean_by(position, ("layer", "thought"), "answer_logit_diff")
+        best = max(toward, key=lambda c: sign * toward[c])
+        first = next(r["pair_id"] for r in position)
+        row = next(r for r in position if r["pair_id"] == first and (r["layer"], r["thought"]) == best)
         out.append(
             check(
                 "first_pair_best_cell_logit_diff", row["answer_logit_diff"], "pass" if sign * row["answer_logit_diff"] > 0 else "fail",
-                f"pair {first} at the most effective cell (layer {best[0]}, thought {best[1]}, by mean KL): answer logit diff clean − corrupted should favour the source",
+                f"pair {first} at the most effective cell (layer {best[0]}, thought {best[1]}: largest mean answer logit diff towards the source): "
+                "its answer logit diff clean − corrupted should favour the source",
             )
         )
     return out
