@@ -32,15 +32,20 @@ def save_cache(path: Path, runs: dict[int, Readout], meta: dict) -> None:
     tmp.replace(path)
 
 
-def load_cache(path: Path, model: CodiModel, expect: dict) -> dict[int, Readout]:
-    """Read a cache, refusing one made by another model, pair set or setting."""
+def open_cache(path: Path):
+    """(safetensors handle, metadata) of a cache file; a one-line error for anything else."""
     from safetensors import safe_open
 
     try:
         f = safe_open(str(path), "pt")
-        meta = json.loads(f.metadata()["thoughtpatch"])
+        return f, json.loads(f.metadata()["thoughtpatch"])
     except Exception as e:  # noqa: BLE001
         raise ThoughtpatchError(f"{path}: not a thoughtpatch activation cache ({type(e).__name__})") from None
+
+
+def load_cache(path: Path, model: CodiModel, expect: dict) -> dict[int, Readout]:
+    """Read a cache, refusing one made by another model, pair set or setting."""
+    f, meta = open_cache(path)
     for key in CHECKED:
         if key in expect and meta.get(key) != expect[key]:
             raise ThoughtpatchError(f"{path}: made with {key} = {meta.get(key)!r}, this run has {expect[key]!r}; refusing to reuse it")

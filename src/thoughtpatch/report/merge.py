@@ -112,18 +112,13 @@ def _merge_results(dirs: list[Path], out: Path, exp: str, pos: dict[int, int]) -
 
 def merge_caches(paths: list[Path], dest: Path, pairs_sha256: str) -> None:
     """One activation cache from the shards' caches (same tensors, the whole set's metadata)."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from thoughtpatch.report.cache import CHECKED
+    from thoughtpatch.report.cache import CHECKED, open_cache
 
     tensors, pair_ids, meta0 = {}, [], None
     for path in paths:
-        try:
-            f = safe_open(str(path), "pt")
-            meta = json.loads(f.metadata()["thoughtpatch"])
-        except Exception as e:  # noqa: BLE001
-            raise ThoughtpatchError(f"{path}: not a thoughtpatch activation cache ({type(e).__name__})") from None
+        f, meta = open_cache(path)
         if meta0 is None:
             meta0 = meta
         bad = [k for k in CHECKED if k != "pairs_sha256" and meta.get(k) != meta0.get(k)]
