@@ -105,3 +105,23 @@ def test_input_row_is_layer_rows_shifted(model, runs):
     (a,) = ref.run(runs.corrupted_ids, [Variant((Patch(Site(INPUT, k + 1), runs.clean.inputs[k + 1]),))], runs.target)
     (b,) = ref.run(runs.corrupted_ids, [Variant((Patch(Site(last, k), runs.clean.resid[k, last]),))], runs.target)
     assert torch.allclose(a.inputs[k + 1], b.inputs[k + 1], atol=1e-6)
+
+
+def test_out_of_memory_halves_the_batch(model, runs, monkeypatch):
+    """A CUDA OOM on a big batch is retried in halves; the results do not change."""
+    layers, thoughts = all_layers(model), list(range(model.num_thoughts))
+    want = position_patching(BatchedEngine(model), runs, layers, thoughts)
+    engine = BatchedEngine(model)
+    real = BatchedEngine._run_chunk
+    sizes = []
+
+    def flaky(self, base, ids, variants, target):
+        sizes.append(len(ids))
+        if len(ids) > 5:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, base, ids, variants, target)
+
+    monkeypatch.setattr(BatchedEngine, "_run_chunk", flaky)
+    _close(position_patching(engine, runs, layers, thoughts), want)
+    n = len(want)
+    assert sizes == [n, n // 2] + [n // 4] * 4 and engine.max_batch == n // 4  # 16 → 8 → 4
