@@ -75,8 +75,9 @@ and corrupted answer continuations differ, the shared part teacher-forced), in f
 * **kl** — KL(P_patched ‖ P_receiving) of the next-token distribution: how much the patch moved the
   {rec} run (effect size, ≥ 0). **kl_to_clean** — KL(P_source ‖ P_patched): how far the patched run still
   is from the {src} run.
-* **answer_logit_diff** — mean logit of the clean answer's tokens minus mean logit of the corrupted
-  answer's tokens (> 0 favours the clean answer).
+* **answer_logit_diff** — at the decision position, the logit of the clean answer's token there minus
+  the logit of the corrupted answer's token (> 0 favours the clean answer); `clean_score` and
+  `corrupted_score` are the two logits.
 * **logprob_diff** — teacher-forced log P(clean answer) − log P(corrupted answer), summed over each
   answer's tokens (> 0 favours the clean answer).
 * **recovered** — (m_patched − m_receiving) / (m_source − m_receiving) of logprob_diff: 0 = no change,
