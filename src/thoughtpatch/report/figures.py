@@ -299,7 +299,9 @@ def layer_curve(data: RunData, out: Path) -> list[Path]:
             if metric in RATE:
                 ax.set_ylim(-0.03, 1.03)
             if metric == "logprob_diff":
-                ax.legend(loc="best", fontsize=6.5, frameon=False)
+                handles, labels = ax.get_legend_handles_labels()
+        # Below the panels: inside one, the legend sat on the reference lines it explains.
+        fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
         fig.suptitle(f"Layer patching: every thought at one layer — {_subtitle(data, 'layer')}", x=0.0, ha="left")
         return [_save(fig, out / "layer_curve.png")]
 
