@@ -328,12 +328,6 @@ class CodiModel:
 
     # ---------------------------------------------------------------- read-outs
 
-    def _restore(self, state: LatentState) -> None:
-        """Drop what a read-out appended (negative crop works in transformers 4.x and 5.x)."""
-        extra = state.cache.get_seq_length() - (state.prompt_len + state.step)
-        if extra > 0:
-            state.cache.crop(-extra)
-
     @torch.inference_mode()
     def score(self, state: LatentState, continuation: list[int]) -> torch.Tensor:
         """Feed <eot> then teacher-force `continuation` (same for every row); fp32 logits
@@ -343,7 +337,7 @@ class CodiModel:
         try:
             out, _ = self._forward(state.cache, inputs_embeds=self.embed(ids))
         finally:
-            self._restore(state)
+            self.rewind(state)
         return out.logits.float()
 
     @torch.inference_mode()
@@ -355,7 +349,8 @@ class CodiModel:
         return self.head(last[:, last.shape[1] - keep :]).float() if keep else last.new_zeros(0)
 
     def rewind(self, state: LatentState, extra: int = 0) -> None:
-        """Drop every cached position after the last thought (+ `extra` kept)."""
+        """Drop every cached position after the last thought (+ `extra` kept); a negative crop
+        works in transformers 4.x and 5.x."""
         over = state.cache.get_seq_length() - (state.prompt_len + state.step + extra)
         if over > 0:
             state.cache.crop(-over)
@@ -387,7 +382,7 @@ class CodiModel:
                     break
                 ids = nxt[:, None]
         finally:
-            self._restore(state)
+            self.rewind(state)
         gens = []
         for t in tokens:
             text = self.tokenizer.decode(t, skip_special_tokens=True)
