@@ -27,6 +27,7 @@ from thoughtpatch.data.schema import (
     pair_from_dict,
     pair_id_from,
     problem_from_dict,
+    read_text,
     row_label,
 )
 from thoughtpatch.errors import ThoughtpatchError
@@ -39,12 +40,7 @@ VARIANTS = ("clean", "corrupted")
 def read_rows(path: str | Path) -> list[tuple[int | str, Any]]:
     """(row label, value) for each row of a JSON list / {"pairs": [...]} / JSON lines file."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ThoughtpatchError(f"{path}: cannot read ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise ThoughtpatchError(f"{path}: not UTF-8 text") from None
+    text = read_text(path)
     if not text.strip():
         raise ThoughtpatchError(f"{path}: empty file")
     try:

@@ -45,7 +45,7 @@ from thoughtpatch.data.arith import (
     parse_number,
 )
 from thoughtpatch.data.numbers import QuestionNumber, format_like, implied_values, question_numbers, replace_number
-from thoughtpatch.data.schema import Pair, Problem, atomic_write_text
+from thoughtpatch.data.schema import Pair, Problem, atomic_write_text, read_text
 from thoughtpatch.errors import ThoughtpatchError
 
 _ANNOTATION = re.compile(r"<<([^<>]*)>>")
@@ -379,12 +379,7 @@ def pairs_from_problem(
 def read_gsm8k(path: str | Path) -> list[tuple[int, str, str]]:
     """(0-based line, question, solution) per non-blank line; errors name file, line, field."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ThoughtpatchError(f"{path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise ThoughtpatchError(f"{path}: not UTF-8 text") from None
+    text = read_text(path)
     rows = []
     for i, line in enumerate(text.splitlines()):
         if not line.strip():

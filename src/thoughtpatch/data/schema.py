@@ -160,6 +160,17 @@ def load_pairs(path: str | Path, fmt: str = "auto") -> list[Pair]:
     return read_pairs(path, fmt)
 
 
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file, or a one-line error naming it."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ThoughtpatchError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ThoughtpatchError(f"{path}: not UTF-8 text") from None
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write to a temporary file and rename it into place: never a half-written output."""
     path = Path(path)
