@@ -10,8 +10,8 @@ import torch
 from tests.tiny import make_tiny_codi
 from thoughtpatch.data.schema import Pair, Problem
 from thoughtpatch.model import INPUT, load_model
-from thoughtpatch.patching.engine import BatchedEngine, Patch, ReferenceEngine, Variant
-from thoughtpatch.patching.experiments import all_layers, iterative_patching, layer_patching, pair_runs, position_patching
+from thoughtpatch.patching.engine import BatchedEngine, Patch, ReferenceEngine, Variant, _distinct
+from thoughtpatch.patching.experiments import all_layers, iterative_patching, layer_patching, pair_runs, patch_pair, position_patching
 from thoughtpatch.model.runtime import Site
 
 PAIR = Pair(
@@ -125,3 +125,35 @@ def test_out_of_memory_halves_the_batch(model, runs, monkeypatch):
     _close(position_patching(engine, runs, layers, thoughts), want)
     n = len(want)
     assert sizes == [n, n // 2] + [n // 4] * 4 and engine.max_batch == n // 4  # 16 → 8 → 4
+
+
+def test_all_experiments_in_one_call_equal_reference(model, runs):
+    """One engine call for all three experiments (as `thoughtpatch run`): the duplicate
+    variants (Exp 2 iteration 0 = Exp 1 thought 0) run once and read out like the rest."""
+    layers, thoughts = all_layers(model), list(range(model.num_thoughts))
+    exps = ["layer", "position", "iterative"]
+    bat = patch_pair(BatchedEngine(model), runs, exps, layers, thoughts, model.num_thoughts)
+    ref = patch_pair(ReferenceEngine(model), runs, exps, layers, thoughts, model.num_thoughts)
+    for e in exps:
+        _close(bat[e], ref[e])
+
+
+def test_identical_variants_run_once(model, runs):
+    a = runs.clean.resid[0, 1]
+    v = Variant((Patch(Site(1, 0), a),))
+    chain = Variant((Patch(Site(1, 1), None, from_variant=1),))
+    distinct, index = _distinct([v, Variant((Patch(Site(1, 0), runs.clean.resid[0, 1]),)), chain, Variant((Patch(Site(1, 0), a.clone()),))])
+    # the same view runs once (and the chain's reference follows it); an equal copy runs again
+    assert index == [0, 0, 1, 2] and distinct[1].patches[0].from_variant == 0
+    out = BatchedEngine(model).run(runs.corrupted_ids, [v, v, chain], runs.target)
+    assert out[0] is out[1]
+    with pytest.raises(ValueError, match="variant 0 refers to variant 1"):
+        _distinct([Variant((Patch(Site(1, 1), None, from_variant=1),)), v])
+
+
+def test_readout_decode_equals_plain_generate(model, runs):
+    """The read-out decodes from the logits of its own <eot> step: same tokens as CODI's
+    decode from scratch."""
+    st = model.think(model.encode(runs.corrupted_ids), record_logits=False)
+    gens, _ = model.generate(st, max_new_tokens=8)
+    assert runs.corrupted.answer.token_ids == gens[0].token_ids

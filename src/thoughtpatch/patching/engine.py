@@ -97,6 +97,7 @@ def read_out(model: CodiModel, st: LatentState, target: Target) -> list[Readout]
             lps.append(lp)
     finally:
         model.rewind(st)
+    # greedy decoding feeds <eot> alone again, as CODI does, so the answer is CODI's own
     gens, _ = model.generate(st, max_new_tokens=target.max_new_tokens, stop_ids=target.stop_ids)
     resid, inputs = (st.latent_resid(), st.latent_inputs()) if st.step else (None, None)
     return [
@@ -191,6 +192,29 @@ def _linked_groups(variants: list[Variant]) -> list[list[int]]:
     return sorted(groups.values(), key=lambda g: g[0])
 
 
+def _distinct(variants: list[Variant]) -> tuple[list[Variant], list[int]]:
+    """Variants that patch the same sites with the same tensors (Exp 2's iteration 0 and Exp
+    1's thought 0, for one) are one run: the distinct variants, `from_variant` renumbered,
+    and each input variant's index among them. Values match by identity (same memory, same
+    view), so equal values held in different tensors merely run twice."""
+    distinct: list[Variant] = []
+    index: list[int] = []
+    seen: dict[tuple, int] = {}
+    for i, v in enumerate(variants):
+        if any(j >= i for j in v.needs()):
+            raise ValueError(f"variant {i} refers to variant {max(v.needs())}: a variant may only refer to earlier ones")
+        patches = tuple(p if p.from_variant is None else Patch(p.site, p.value, p.mode, index[p.from_variant]) for p in v.patches)
+        key = tuple(
+            (p.site, p.mode, p.from_variant, None if p.value is None else (p.value.data_ptr(), p.value.shape, p.value.stride(), p.value.dtype, p.value.device))
+            for p in patches
+        )
+        if key not in seen:
+            seen[key] = len(distinct)
+            distinct.append(Variant(patches))
+        index.append(seen[key])
+    return distinct, index
+
+
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
@@ -203,6 +227,11 @@ class BatchedEngine:
         self.max_batch = max_batch  # None = everything in one batch; halves on CUDA OOM
 
     def run(self, prompt_ids: list[int], variants: list[Variant], target: Target) -> list[Readout]:
+        distinct, index = _distinct(variants)
+        done = self._run_distinct(prompt_ids, distinct, target)
+        return [done[j] for j in index]
+
+    def _run_distinct(self, prompt_ids: list[int], variants: list[Variant], target: Target) -> list[Readout]:
         if not variants:
             return []
         m = self.model
