@@ -34,8 +34,28 @@ def cat_caches(caches: list[Any]) -> Any:
     else:
         out.key_cache, out.value_cache = list(out.key_cache), list(out.value_cache)
     per_cache = [_layers(c) for c in caches]
+    if hasattr(out, "layers") and DynamicLayer is not None:
+        for i, lay in enumerate(out.layers):
+            if isinstance(lay, GrowingLayer):  # stack straight into a buffer with room to grow
+                lay._kbuf, lay._vbuf = _stacked([p[i][0] for p in per_cache]), _stacked([p[i][1] for p in per_cache])
+                n = per_cache[0][i][0].shape[-2]
+                lay.keys, lay.values = lay._kbuf[:, :, :n], lay._vbuf[:, :, :n]
+            else:
+                lay.keys, lay.values = torch.cat([p[i][0] for p in per_cache]), torch.cat([p[i][1] for p in per_cache])
+        return out
     _set_layers(out, [(torch.cat([p[i][0] for p in per_cache]), torch.cat([p[i][1] for p in per_cache])) for i in range(len(per_cache[0]))])
     return out
+
+
+def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of `parts` ([b,h,n,d] each) in one [Σb,h,n+SPARE,d] buffer."""
+    b, (_, h, n, d) = sum(t.shape[0] for t in parts), parts[0].shape
+    buf = parts[0].new_empty(b, h, n + SPARE, d)
+    at = 0
+    for t in parts:
+        buf[at : at + t.shape[0], :, :n] = t
+        at += t.shape[0]
+    return buf
 
 
 def take_rows(cache: Any, rows: torch.Tensor) -> Any:
@@ -47,3 +67,59 @@ def take_rows(cache: Any, rows: torch.Tensor) -> Any:
         out.key_cache, out.value_cache = list(out.key_cache), list(out.value_cache)
     _set_layers(out, [(k[rows], v[rows]) for k, v in _layers(cache)])
     return out
+
+
+try:  # transformers ≥ 5: per-layer cache objects
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # 4.x: caches stay as they are (correct, a little slower)
+    DynamicLayer = None
+
+SPARE = 64  # positions of room added whenever a layer's buffer must grow
+
+
+def _prefix_of(t: torch.Tensor, buf: torch.Tensor | None) -> bool:
+    """`t` is buf[:, :, :n] (the view `update` handed out), not a tensor set from outside."""
+    return buf is not None and t.data_ptr() == buf.data_ptr() and t.stride() == buf.stride() and t.shape[:2] == buf.shape[:2]
+
+
+if DynamicLayer is not None:
+
+    class GrowingLayer(DynamicLayer):
+        """A DynamicLayer that writes new positions into spare room of one buffer instead of
+        concatenating the whole cache at every step (the copy that dominates cache time
+        when a hundred variants decode side by side). Keys and values are prefix views of the
+        buffer; `crop` (a shorter view) lets the next step overwrite what was dropped. Any
+        other assignment (take, concat, deepcopy) simply starts a new buffer on the next
+        update. Same values, same attention inputs: only the copying changes."""
+
+        _kbuf: torch.Tensor | None = None
+        _vbuf: torch.Tensor | None = None
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self.is_initialized or self.keys.numel() == 0:
+                keys, values = super().update(key_states, value_states, *args, **kwargs)
+                self._kbuf = self._vbuf = None
+                return keys, values
+            n, t = self.keys.shape[-2], key_states.shape[-2]
+            if not (_prefix_of(self.keys, self._kbuf) and _prefix_of(self.values, self._vbuf) and n + t <= self._kbuf.shape[-2]):
+                self._kbuf, self._vbuf = self._grown(self.keys, n + t), self._grown(self.values, n + t)
+            self._kbuf[:, :, n : n + t] = key_states
+            self._vbuf[:, :, n : n + t] = value_states
+            self.keys, self.values = self._kbuf[:, :, : n + t], self._vbuf[:, :, : n + t]
+            return self.keys, self.values
+
+        @staticmethod
+        def _grown(t: torch.Tensor, need: int) -> torch.Tensor:
+            buf = t.new_empty(t.shape[0], t.shape[1], need + SPARE, t.shape[3])
+            buf[:, :, : t.shape[2]] = t
+            return buf
+
+
+def make_growing(cache: Any) -> Any:
+    """Switch a fresh HF cache's plain dynamic layers to `GrowingLayer` (in place); other
+    layer kinds (sliding windows) and 4.x caches are left as they are."""
+    if DynamicLayer is not None and hasattr(cache, "layers"):
+        for lay in cache.layers:
+            if type(lay) is DynamicLayer:
+                lay.__class__ = GrowingLayer
+    return cache

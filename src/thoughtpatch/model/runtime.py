@@ -12,14 +12,18 @@ attention, as in the model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import os
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
+
+from thoughtpatch.model.kvcache import make_growing
 
 INPUT = "input"
 Layer = int | Literal["input"]
@@ -176,6 +180,23 @@ def extract_number(text: str) -> float:
     return float(found[-1]) if found else float("inf")
 
 
+@contextlib.contextmanager
+def _gqa_despite_mask(device: torch.device):
+    """Several tokens on top of a cache need a mask, and with a mask transformers repeats
+    every K/V head per query head (a copy of the whole cache per layer) because CUDA kernels
+    would fall back to slow math. torch's CPU kernel takes grouped K/V with a mask directly,
+    bit for bit the same; transformers ≥ 5 reads this switch at each call (4.x ignores it)."""
+    key = "TRANSFORMERS_SDPA_FORCE_GQA"
+    if device.type != "cpu" or key in os.environ:
+        yield
+        return
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        del os.environ[key]
+
+
 def _tensor_of(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
@@ -276,6 +297,7 @@ class CodiModel:
         if ids.dim() == 1:
             ids = ids[None]
         out, cache = self._forward(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+        make_growing(cache)  # later steps append in place rather than re-copying the cache
         h = out.hidden_states[-1][:, -1]
         st = LatentState(cache=cache, next_input=self.prj(h), bot_hidden=h, prompt_len=ids.shape[1])
         if record:
@@ -345,7 +367,8 @@ class CodiModel:
         """Feed `tokens` (same for every row) on top of `state` and return fp32 logits of the
         last `keep` positions [B, keep, V]. The state is extended: crop it with `rewind`."""
         ids = torch.tensor(tokens, device=self.device).expand(state.batch_size, -1)
-        last, _, state.cache = self._body_forward(state.cache, inputs_embeds=self.embed(ids))
+        with _gqa_despite_mask(self.device):
+            last, _, state.cache = self._body_forward(state.cache, inputs_embeds=self.embed(ids))
         return self.head(last[:, last.shape[1] - keep :]).float() if keep else last.new_zeros(0)
 
     def rewind(self, state: LatentState, extra: int = 0) -> None:
