@@ -7,21 +7,48 @@ CODI model: all three experiments (layer, Exp 1, Exp 2) for N pairs.
 Both engines run all three experiments of a pair through one call (as `thoughtpatch run`).
 Prints one JSON line: ratio (reference seconds / batched seconds), max_abs_diff (largest
 difference of any metric between the engines, and per metric), max_rel_diff (differences
-relative to max(1, |value|)), shape, and both timings."""
+relative to max(1, |value|)), shape, both timings, and min_gap.
+
+Pairs. A random-weight model barely notices one changed number: its clean and corrupted
+runs would differ by a few thousandths of a nat, and `recovered` — a ratio over that gap —
+would be fp32 noise in any implementation. So a bench pair is two questions of the same
+length in different words, and its answers are the two numbers whose log-probs the change
+of question moves furthest apart (the clean run prefers the clean answer, as with a trained
+model). Token counts, and so timings, are those of a one-number pair; `min_gap` reports the
+smallest clean–corrupted log-prob gap, the denominator of `recovered`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import random
 import time
 
 import torch
 
 from thoughtpatch.data.schema import Pair, Problem
-from thoughtpatch.model.synthetic import SHAPES, question, random_codi
+from thoughtpatch.model.synthetic import SHAPES, WORDS, random_codi
 from thoughtpatch.patching.engine import BatchedEngine, ReferenceEngine
-from thoughtpatch.patching.experiments import all_layers, pair_runs, patch_pair
+from thoughtpatch.patching import metrics as M
+from thoughtpatch.patching.experiments import PairRuns, all_layers, pair_runs, patch_pair
+
+
+def words(n_words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words - 6)) + " has 10 apples . how many ?"
+
+
+def bench_pair(model, i: int, n_words: int, max_new_tokens: int) -> PairRuns:
+    """Pair i (see the module doc): different words, answers the model separates most."""
+    clean_q, corrupted_q = words(n_words, 2 * i), words(n_words, 2 * i + 1)
+    probe = pair_runs(model, Pair(i, Problem(clean_q, 0), Problem(corrupted_q, 1)), max_new_tokens=1)
+    numbers = [n for n in range(1000) if len(model.answer_ids(n)) == len(model.answer_ids(0))]
+    ids = [model.answer_ids(n)[probe.target.decision] for n in numbers]
+    lp = lambda ro: ro.decision_logits.double().log_softmax(-1)[ids]  # noqa: E731
+    moved = lp(probe.clean) - lp(probe.corrupted)
+    clean_answer, corrupted_answer = numbers[int(moved.argmax())], numbers[int(moved.argmin())]
+    return pair_runs(model, Pair(i, Problem(clean_q, clean_answer), Problem(corrupted_q, corrupted_answer)), max_new_tokens=max_new_tokens)
 
 
 def all_experiments(engine, model, runs):
@@ -63,8 +90,7 @@ def main() -> None:
     shape = SHAPES[args.shape or ("mid" if args.quick else "llama-3.2-1b")]
     n_pairs = args.pairs or (2 if args.quick else 1)
     model = random_codi(shape, dtype=getattr(torch, args.dtype), device=args.device)
-    pairs = [Pair(i, Problem(question(args.words, 10 + i), 15 + i), Problem(question(args.words, 20 + i), 25 + i)) for i in range(n_pairs)]
-    runs = [pair_runs(model, p, max_new_tokens=args.max_new_tokens) for p in pairs]
+    runs = [bench_pair(model, i, args.words, args.max_new_tokens) for i in range(n_pairs)]
 
     def timed(engine):
         if args.device == "cuda":
@@ -85,6 +111,7 @@ def main() -> None:
         # `recovered` divides by the clean–corrupted log-prob gap, tiny for random weights: its
         # absolute error is the log-prob error over that gap. Relative to max(1, |value|):
         "max_rel_diff": max(max_diffs(bat_rows, ref_rows, relative=True).values()),
+        "min_gap": round(min(abs(M.logprob_diff(r.clean) - M.logprob_diff(r.corrupted)) for r in runs), 4),
         "shape": shape.describe(),
         "reference_s": round(ref_s, 2),
         "batched_s": round(bat_s, 2),
