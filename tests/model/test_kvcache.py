@@ -21,12 +21,16 @@ def model(request, tmp_path_factory):
 
 
 def _scenario(model) -> list[torch.Tensor]:
-    """Encode, fork, think part-way, join copies of a row (take + concat), patch, think on,
-    take rows and extend them, teacher-force, rewind, teacher-force other tokens, decode."""
+    """Encode, fork, think part-way, add copies of a row (take + concat, and join), patch,
+    think on, take rows and extend them, teacher-force, rewind, teacher-force other tokens,
+    decode."""
     base = model.encode(model.prompt_ids(Q))
     a = model.think(base.fork(), until=2)
     b = LatentState.concat([a, a.take([0, 0])])
-    b = model.think(b, [Intervention.zero(Site(1, 2), rows=(1,))])
+    b = model.think(b, [Intervention.zero(Site(1, 2), rows=(1,))], until=3)
+    b = b.join(1, 1, room=2)  # a new buffer with room for two more rows ...
+    b = b.join(0, 2)  # ... which this join fills in place
+    b = model.think(b, [Intervention.zero(Site(0, 3), rows=(4,))])
     out = [b.latent_hidden()]
     d = b.take([2, 0])  # a taken state grows on its own, never into b's room
     out.append(model.teacher_force(d, [model.eot_id, 9, 9], keep=3))

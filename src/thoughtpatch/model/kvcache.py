@@ -78,41 +78,75 @@ SPARE = 64  # positions of room added whenever a layer's buffer must grow
 
 
 def _prefix_of(t: torch.Tensor, buf: torch.Tensor | None) -> bool:
-    """`t` is buf[:, :, :n] (the view `update` handed out), not a tensor set from outside."""
-    return buf is not None and t.data_ptr() == buf.data_ptr() and t.stride() == buf.stride() and t.shape[:2] == buf.shape[:2]
+    """`t` is buf[:b, :, :n] (a view handed out here), not a tensor set from outside."""
+    return buf is not None and t.data_ptr() == buf.data_ptr() and t.stride() == buf.stride() and t.shape[0] <= buf.shape[0] and t.shape[1] == buf.shape[1]
+
+
+def _room(t: torch.Tensor, rows: int, positions: int) -> torch.Tensor:
+    """A [rows, h, positions, d] buffer starting with `t`."""
+    buf = t.new_empty(rows, t.shape[1], positions, t.shape[3])
+    buf[: t.shape[0], :, : t.shape[2]] = t
+    return buf
 
 
 if DynamicLayer is not None:
 
     class GrowingLayer(DynamicLayer):
-        """A DynamicLayer that writes new positions into spare room of one buffer instead of
-        concatenating the whole cache at every step (the copy that dominates cache time
-        when a hundred variants decode side by side). Keys and values are prefix views of the
-        buffer; `crop` (a shorter view) lets the next step overwrite what was dropped. Any
-        other assignment (take, concat, deepcopy) simply starts a new buffer on the next
-        update. Same values, same attention inputs: only the copying changes."""
+        """A DynamicLayer that writes new positions (and new batch rows) into spare room of
+        one buffer instead of concatenating the whole cache at every step, the copy that
+        dominates cache time when a hundred variants decode side by side. Keys and values
+        are views buf[:b, :, :n]; `crop` (a shorter view) lets the next step overwrite what
+        was dropped. Any other assignment (take, concat, deepcopy) simply starts a new buffer
+        on the next update. Same values, same attention inputs: only the copying changes."""
 
         _kbuf: torch.Tensor | None = None
         _vbuf: torch.Tensor | None = None
+
+        def _fits(self, rows: int, positions: int) -> bool:
+            return (
+                _prefix_of(self.keys, self._kbuf)
+                and _prefix_of(self.values, self._vbuf)
+                and rows <= self._kbuf.shape[0]  # type: ignore[union-attr]
+                and positions <= self._kbuf.shape[2]  # type: ignore[union-attr]
+            )
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
             if not self.is_initialized or self.keys.numel() == 0:
                 keys, values = super().update(key_states, value_states, *args, **kwargs)
                 self._kbuf = self._vbuf = None
                 return keys, values
-            n, t = self.keys.shape[-2], key_states.shape[-2]
-            if not (_prefix_of(self.keys, self._kbuf) and _prefix_of(self.values, self._vbuf) and n + t <= self._kbuf.shape[-2]):
-                self._kbuf, self._vbuf = self._grown(self.keys, n + t), self._grown(self.values, n + t)
-            self._kbuf[:, :, n : n + t] = key_states
-            self._vbuf[:, :, n : n + t] = value_states
-            self.keys, self.values = self._kbuf[:, :, : n + t], self._vbuf[:, :, : n + t]
+            b, n, t = self.keys.shape[0], self.keys.shape[2], key_states.shape[2]
+            if not self._fits(b, n + t):
+                self._kbuf, self._vbuf = _room(self.keys, b, n + t + SPARE), _room(self.values, b, n + t + SPARE)
+            self._kbuf[:b, :, n : n + t] = key_states
+            self._vbuf[:b, :, n : n + t] = value_states
+            self.keys, self.values = self._kbuf[:b, :, : n + t], self._vbuf[:b, :, : n + t]
             return self.keys, self.values
 
-        @staticmethod
-        def _grown(t: torch.Tensor, need: int) -> torch.Tensor:
-            buf = t.new_empty(t.shape[0], t.shape[1], need + SPARE, t.shape[3])
-            buf[:, :, : t.shape[2]] = t
-            return buf
+        def append_rows(self, row: int, count: int, room: int) -> None:
+            b, n = self.keys.shape[0], self.keys.shape[2]
+            if not self._fits(b + count, n):
+                self._kbuf = _room(self.keys, b + count + room, n + SPARE)
+                self._vbuf = _room(self.values, b + count + room, n + SPARE)
+            # rows b… are past every view handed out, so nothing aliases what is written
+            self._kbuf[b : b + count, :, :n] = self._kbuf[row, :, :n]
+            self._vbuf[b : b + count, :, :n] = self._vbuf[row, :, :n]
+            self.keys, self.values = self._kbuf[: b + count, :, :n], self._vbuf[: b + count, :, :n]
+
+
+def append_rows(cache: Any, row: int, count: int, room: int = 0) -> Any:
+    """`cache` with `count` copies of batch row `row` appended, in place. Growing layers keep
+    room for `room` further rows, so a later append copies only its own rows."""
+    if DynamicLayer is not None and hasattr(cache, "layers"):
+        for lay in cache.layers:
+            if isinstance(lay, GrowingLayer) and lay.is_initialized and lay.keys.numel():
+                lay.append_rows(row, count, room)
+            elif lay.is_initialized and lay.keys.numel():
+                lay.keys = torch.cat([lay.keys, lay.keys[row : row + 1].expand(count, -1, -1, -1)])
+                lay.values = torch.cat([lay.values, lay.values[row : row + 1].expand(count, -1, -1, -1)])
+        return cache
+    _set_layers(cache, [(torch.cat([k, k[row : row + 1].expand(count, -1, -1, -1)]), torch.cat([v, v[row : row + 1].expand(count, -1, -1, -1)])) for k, v in _layers(cache)])
+    return cache
 
 
 def make_growing(cache: Any) -> Any:

@@ -143,6 +143,23 @@ class LatentState:
             logits=[pick(t) for t in self.logits],
         )
 
+    def join(self, row: int, count: int, room: int = 0) -> "LatentState":
+        """This batch with `count` copies of `row` appended (the state is consumed: its cache
+        grows in place, keeping room for `room` more rows so later joins copy only theirs)."""
+        from thoughtpatch.model.kvcache import append_rows
+
+        add = lambda t: torch.cat([t, t[row : row + 1].expand(count, *t.shape[1:])])  # noqa: E731
+        return replace(
+            self,
+            cache=append_rows(self.cache, row, count, room),
+            next_input=add(self.next_input),
+            bot_hidden=add(self.bot_hidden),
+            inputs=[add(t) for t in self.inputs],
+            resid=[add(t) for t in self.resid],
+            hidden=[add(t) for t in self.hidden],
+            logits=[add(t) for t in self.logits],
+        )
+
     @staticmethod
     def concat(states: list["LatentState"]) -> "LatentState":
         """Stack runs that are at the same step into one batch (the inputs are consumed)."""

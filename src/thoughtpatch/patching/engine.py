@@ -274,9 +274,10 @@ class BatchedEngine:
         for k in range(k_total + 1):
             n_new = sum(1 for s in starts if s == k)
             if n_new:
-                running = LatentState.concat([running, running.take([0] * n_new)])
+                running = running.join(0, n_new, room=len(rows) - joined - n_new)
                 joined += n_new
             if k == k_total:
                 break
             running = m.think(running, interventions_at(rows[:joined], k, row_of), until=k + 1, record_logits=False)
-        return read_out(m, running.take(list(range(1, len(rows)))), target)  # the prefix row has served
+        # the prefix row is read out too (one row of many) rather than copying the cache without it
+        return read_out(m, running, target)[1:]
