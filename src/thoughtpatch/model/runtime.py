@@ -106,59 +106,41 @@ class LatentState:
     def latent_hidden(self) -> torch.Tensor:
         return torch.stack(self.hidden, 1)  # [B,K,L+1,H]
 
+    def _with_rows(self, cache: Any, f: Callable[[torch.Tensor], torch.Tensor]) -> "LatentState":
+        """A copy with this cache and `f` applied to every per-row tensor."""
+        return replace(
+            self,
+            cache=cache,
+            next_input=f(self.next_input),
+            bot_hidden=f(self.bot_hidden),
+            inputs=[f(t) for t in self.inputs],
+            resid=[f(t) for t in self.resid],
+            hidden=[f(t) for t in self.hidden],
+            logits=[f(t) for t in self.logits],
+        )
+
     def fork(self, repeat: int = 1) -> "LatentState":
         """An independent copy (own cache), each row repeated `repeat` times along the batch."""
         cache = copy.deepcopy(self.cache)
         if repeat == 1:
-            rep = lambda t: t  # noqa: E731
-        else:
-            cache.batch_repeat_interleave(repeat)
-            rep = lambda t: t.repeat_interleave(repeat, 0)  # noqa: E731
-        return replace(
-            self,
-            cache=cache,
-            next_input=rep(self.next_input),
-            bot_hidden=rep(self.bot_hidden),
-            inputs=[rep(t) for t in self.inputs],
-            resid=[rep(t) for t in self.resid],
-            hidden=[rep(t) for t in self.hidden],
-            logits=[rep(t) for t in self.logits],
-        )
-
+            return self._with_rows(cache, lambda t: t)
+        cache.batch_repeat_interleave(repeat)
+        return self._with_rows(cache, lambda t: t.repeat_interleave(repeat, 0))
 
     def take(self, rows: list[int]) -> "LatentState":
         """A copy holding `rows` of this batch (indices may repeat)."""
         from thoughtpatch.model.kvcache import take_rows
 
         idx = torch.as_tensor(rows, device=self.next_input.device)
-        pick = lambda t: t[idx]  # noqa: E731
-        return replace(
-            self,
-            cache=take_rows(self.cache, idx),
-            next_input=pick(self.next_input),
-            bot_hidden=pick(self.bot_hidden),
-            inputs=[pick(t) for t in self.inputs],
-            resid=[pick(t) for t in self.resid],
-            hidden=[pick(t) for t in self.hidden],
-            logits=[pick(t) for t in self.logits],
-        )
+        return self._with_rows(take_rows(self.cache, idx), lambda t: t[idx])
 
     def join(self, row: int, count: int, room: int = 0) -> "LatentState":
         """This batch with `count` copies of `row` appended (the state is consumed: its cache
         grows in place, keeping room for `room` more rows so later joins copy only theirs)."""
         from thoughtpatch.model.kvcache import append_rows
 
-        add = lambda t: torch.cat([t, t[row : row + 1].expand(count, *t.shape[1:])])  # noqa: E731
-        return replace(
-            self,
-            cache=append_rows(self.cache, row, count, room),
-            next_input=add(self.next_input),
-            bot_hidden=add(self.bot_hidden),
-            inputs=[add(t) for t in self.inputs],
-            resid=[add(t) for t in self.resid],
-            hidden=[add(t) for t in self.hidden],
-            logits=[add(t) for t in self.logits],
-        )
+        cache = append_rows(self.cache, row, count, room)
+        return self._with_rows(cache, lambda t: torch.cat([t, t[row : row + 1].expand(count, *t.shape[1:])]))
 
     @staticmethod
     def concat(states: list["LatentState"]) -> "LatentState":
