@@ -74,7 +74,7 @@ try:  # transformers ≥ 5: per-layer cache objects
 except ImportError:  # 4.x: caches stay as they are (correct, a little slower)
     DynamicLayer = None
 
-SPARE = 64  # positions of room added whenever a layer's buffer must grow
+SPARE = 32  # positions of room added whenever a layer's buffer must grow (a short answer fits)
 
 
 def _prefix_of(t: torch.Tensor, buf: torch.Tensor | None) -> bool:
