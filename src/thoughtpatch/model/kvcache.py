@@ -1,5 +1,6 @@
 """Batch surgery on HF KV caches that works with the cache layouts of transformers 4.x
-(`key_cache`/`value_cache` lists) and 5.x (`layers[i].keys/values`)."""
+(`key_cache`/`value_cache` lists) and 5.x (`layers[i].keys/values`), and, on 5.x, a cache
+layer that grows in place (`GrowingLayer`, switched on by `make_growing`)."""
 
 from __future__ import annotations
 
@@ -34,28 +35,8 @@ def cat_caches(caches: list[Any]) -> Any:
     else:
         out.key_cache, out.value_cache = list(out.key_cache), list(out.value_cache)
     per_cache = [_layers(c) for c in caches]
-    if hasattr(out, "layers") and DynamicLayer is not None:
-        for i, lay in enumerate(out.layers):
-            if isinstance(lay, GrowingLayer):  # stack straight into a buffer with room to grow
-                lay._kbuf, lay._vbuf = _stacked([p[i][0] for p in per_cache]), _stacked([p[i][1] for p in per_cache])
-                n = per_cache[0][i][0].shape[-2]
-                lay.keys, lay.values = lay._kbuf[:, :, :n], lay._vbuf[:, :, :n]
-            else:
-                lay.keys, lay.values = torch.cat([p[i][0] for p in per_cache]), torch.cat([p[i][1] for p in per_cache])
-        return out
     _set_layers(out, [(torch.cat([p[i][0] for p in per_cache]), torch.cat([p[i][1] for p in per_cache])) for i in range(len(per_cache[0]))])
     return out
-
-
-def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Rows of `parts` ([b,h,n,d] each) in one [Σb,h,n+SPARE,d] buffer."""
-    b, (_, h, n, d) = sum(t.shape[0] for t in parts), parts[0].shape
-    buf = parts[0].new_empty(b, h, n + SPARE, d)
-    at = 0
-    for t in parts:
-        buf[at : at + t.shape[0], :, :n] = t
-        at += t.shape[0]
-    return buf
 
 
 def take_rows(cache: Any, rows: torch.Tensor) -> Any:
