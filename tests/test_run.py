@@ -71,6 +71,16 @@ def test_outputs(full_run):
     assert names["iteration0_equals_exp1"]["verdict"] == "pass"
     assert names["all_sites_reproduce_source"]["verdict"] == "pass"
     assert all(c["verdict"] in ("pass", "fail", "info") for c in checks)
+    # the flip floor: pairs whose unpatched runs already answer alike, from the cached answers
+    from safetensors import safe_open
+
+    def answers(role):
+        with safe_open(str(full_run / f"{role}_activations.safetensors"), "pt") as f:
+            return {k.split(".")[0]: f.get_tensor(k).tolist() for k in f.keys() if k.endswith(".answer_ids")}
+
+    clean, corrupted = answers("clean"), answers("corrupted")
+    alike = sum(clean[p] == corrupted[p] for p in clean)
+    assert names["unpatched_answers_agree"]["value"] == alike / 8 and names["unpatched_answers_agree"]["verdict"] == "info"
 
 
 def test_recovered_summary_is_ratio_of_means(full_run):

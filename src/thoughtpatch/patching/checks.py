@@ -153,20 +153,42 @@ def iterative_checks(iterative: list[dict], position: list[dict], layer: list[di
     return out
 
 
+# The baseline checks are counts over pairs (value = count / (per-pair units × pairs)), so
+# shards merge by adding counts. name: (units per pair, detail).
+BASELINE = {
+    "baseline_accuracy_clean": (1, "{k}/{d} clean questions answered right (greedy)"),
+    "baseline_accuracy_corrupted": (1, "{k}/{d} corrupted questions answered right"),
+    "accuracy_thoughts_zeroed": (2, "{k}/{d} questions right with every fed thought zeroed (is the model using its thoughts here?)"),
+    "unpatched_answers_agree": (
+        1,
+        "{k}/{d} pairs whose clean and corrupted runs already give the same answer: there a patch that changes "
+        "nothing counts as a flip, so this is the floor of every flip rate",
+    ),
+}
+
+
+def baseline_from_counts(counts: dict[str, int], n_pairs: int) -> list[dict]:
+    out = []
+    for name, (units, detail) in BASELINE.items():
+        if name in counts:
+            d = units * n_pairs
+            out.append(check(name, counts[name] / d, "info", detail.format(k=counts[name], d=d)))
+    return out
+
+
 @torch.inference_mode()
 def baseline_checks(model: CodiModel, pairs_runs: list[PairRuns], max_new_tokens: int, stop_ids) -> list[dict]:
-    """8. Do the runs answer right, and do they need their thoughts on these pairs?"""
-    n = len(pairs_runs)
-    clean = sum(M.same_answer(r.clean.answer.number, float(r.pair.clean.answer)) for r in pairs_runs)
-    corr = sum(M.same_answer(r.corrupted.answer.number, float(r.pair.corrupted.answer)) for r in pairs_runs)
+    """8. Do the runs answer right, do they need their thoughts on these pairs, and do the
+    two runs of a pair answer differently (else `flip` is true without any patch)?"""
+    counts = {
+        "baseline_accuracy_clean": sum(M.same_answer(r.clean.answer.number, float(r.pair.clean.answer)) for r in pairs_runs),
+        "baseline_accuracy_corrupted": sum(M.same_answer(r.corrupted.answer.number, float(r.pair.corrupted.answer)) for r in pairs_runs),
+        "unpatched_answers_agree": sum(M.same_answer(r.clean.answer.number, r.corrupted.answer.number) for r in pairs_runs),
+    }
     zero = [Intervention.zero(Site(INPUT, k)) for k in range(model.num_thoughts)]
     ablated = 0
     for r in pairs_runs:
         for ids, gold in ((r.clean_ids, r.pair.clean.answer), (r.corrupted_ids, r.pair.corrupted.answer)):
             gens, _ = model.generate(model.think(model.encode(ids), zero, record_logits=False), max_new_tokens=max_new_tokens, stop_ids=stop_ids)
             ablated += M.same_answer(gens[0].number, float(gold))
-    return [
-        check("baseline_accuracy_clean", clean / n, "info", f"{clean}/{n} clean questions answered right (greedy)"),
-        check("baseline_accuracy_corrupted", corr / n, "info", f"{corr}/{n} corrupted questions answered right"),
-        check("accuracy_thoughts_zeroed", ablated / (2 * n), "info", f"{ablated}/{2 * n} questions right with every fed thought zeroed (is the model using its thoughts here?)"),
-    ]
+    return baseline_from_counts(counts | {"accuracy_thoughts_zeroed": ablated}, len(pairs_runs))

@@ -83,7 +83,8 @@ and corrupted answer continuations differ, the shared part teacher-forced), in f
 * **recovered** — (m_patched − m_receiving) / (m_source − m_receiving) of logprob_diff: 0 = no change,
   1 = the {src} run's value. Aggregated as the **ratio of means** over pairs (never the mean of
   per-pair ratios), so it has no per-cell CI.
-* **flip** — the patched run's greedy answer equals the {src} run's answer (flip rate = mean of flip);
+* **flip** — the patched run's greedy answer equals the {src} run's answer (flip rate = mean of flip;
+  pairs whose unpatched runs already answer alike flip without any patch: see the baseline);
   **away** — it differs from the {rec} run's answer.
 * Exp 2 also records the patched activation aᵢ: **norm** ‖aᵢ‖, **cos_clean** / **cos_corrupted** =
   cosine to the clean / corrupted run's activation at the same site.
@@ -144,10 +145,16 @@ def _check(data: RunData, name: str) -> dict | None:
 
 def baseline_lines(data: RunData) -> list[str]:
     out = []
-    for name, label in (("baseline_accuracy_clean", "clean questions"), ("baseline_accuracy_corrupted", "corrupted questions"), ("accuracy_thoughts_zeroed", "every fed thought zeroed")):
+    labels = (
+        ("baseline_accuracy_clean", "Accuracy, clean questions"),
+        ("baseline_accuracy_corrupted", "Accuracy, corrupted questions"),
+        ("accuracy_thoughts_zeroed", "Accuracy, every fed thought zeroed"),
+        ("unpatched_answers_agree", "Pairs already answering alike (flip-rate floor)"),
+    )
+    for name, label in labels:
         c = _check(data, name)
         if c is not None:
-            out.append(f"* Accuracy, {label}: **{pct(c['value'])}** — {c.get('detail', '')}")
+            out.append(f"* {label}: **{pct(c['value'])}** — {c.get('detail', '')}")
     return out or ["* Baseline accuracy: not recorded (no checks.json)."]
 
 

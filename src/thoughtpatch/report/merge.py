@@ -32,6 +32,7 @@ from thoughtpatch.data.schema import atomic_write_text
 from thoughtpatch.errors import ThoughtpatchError
 
 EXPERIMENTS = ("layer", "position", "iterative")
+# Baseline checks every shard must have (later ones may be missing from older shards).
 BASELINE_CHECKS = ("baseline_accuracy_clean", "baseline_accuracy_corrupted", "accuracy_thoughts_zeroed")
 # Checks that are functions of results.jsonl alone: recomputed over the union.
 AGGREGATE_CHECKS = {
@@ -137,24 +138,20 @@ def merge_caches(paths: list[Path], dest: Path, pairs_sha256: str) -> None:
 
 
 def merge_baseline(checks_by_shard: list[list[dict]], sizes: list[int]) -> list[dict]:
-    """The baseline accuracies over the union: count-weighted means of the shards' values."""
-    from thoughtpatch.patching.checks import check
+    """The baseline checks over the union, from the shards' counts (a check that some shard
+    lacks, written by an older thoughtpatch, is left out)."""
+    from thoughtpatch.patching.checks import BASELINE, baseline_from_counts
 
-    counts = {name: 0 for name in BASELINE_CHECKS}
-    for checks, n in zip(checks_by_shard, sizes):
-        by = {c["name"]: c for c in checks}
-        for name in BASELINE_CHECKS:
-            if name not in by:
-                raise ThoughtpatchError(f"a shard's checks.json has no {name}")
-            denom = 2 * n if name == "accuracy_thoughts_zeroed" else n
-            counts[name] += round(by[name]["value"] * denom)
-    n = sum(sizes)
-    clean, corr, ablated = (counts[k] for k in BASELINE_CHECKS)
-    return [
-        check("baseline_accuracy_clean", clean / n, "info", f"{clean}/{n} clean questions answered right (greedy)"),
-        check("baseline_accuracy_corrupted", corr / n, "info", f"{corr}/{n} corrupted questions answered right"),
-        check("accuracy_thoughts_zeroed", ablated / (2 * n), "info", f"{ablated}/{2 * n} questions right with every fed thought zeroed (is the model using its thoughts here?)"),
-    ]
+    by_shard = [{c["name"]: c for c in checks} for checks in checks_by_shard]
+    for name in BASELINE_CHECKS:
+        if any(name not in by for by in by_shard):
+            raise ThoughtpatchError(f"a shard's checks.json has no {name}")
+    counts = {
+        name: sum(round(by[name]["value"] * units * n) for by, n in zip(by_shard, sizes))
+        for name, (units, _) in BASELINE.items()
+        if all(name in by for by in by_shard)
+    }
+    return baseline_from_counts(counts, sum(sizes))
 
 
 def merge_runs(
@@ -206,7 +203,7 @@ def merge_runs(
 
     shard_checks = [json.loads((d / "checks.json").read_text())["checks"] for d in dirs]
     checks = merge_baseline(shard_checks, [m["pairs"]["n"] for m in manifests])
-    checks += [c for c in shard_checks[0] if c["name"] not in BASELINE_CHECKS and c["name"] not in AGGREGATE_CHECKS]
+    checks += [c for c in shard_checks[0] if c["name"] not in C.BASELINE and c["name"] not in AGGREGATE_CHECKS]
     if "position" in results and "layer" in results:
         checks += C.grid_checks(results["position"], results["layer"], direction)
     if "iterative" in results and "position" in results:
