@@ -196,6 +196,16 @@ def _gqa_despite_mask(device: torch.device):
         del os.environ[key]
 
 
+def _as_cache(cache: Any) -> Any:
+    """transformers 4.x GPT-2 hands back the legacy tuple of (K, V) when it was given no cache
+    object; every later step needs the object (and then keeps it)."""
+    if isinstance(cache, tuple):
+        from transformers import DynamicCache
+
+        return DynamicCache.from_legacy_cache(cache)
+    return cache
+
+
 def _tensor_of(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
@@ -274,14 +284,14 @@ class CodiModel:
             kw[self._cache_kw] = cache
         out = self.net(use_cache=True, **kw)
         new_cache = out.get("cache") if "cache" in out else out.past_key_values
-        return out, new_cache
+        return out, _as_cache(new_cache)
 
     def _body_forward(self, cache, **kw):
         """The decoder stack only: (final-norm hidden states [B,T,H], all hidden states, cache)."""
         kw[self._body_cache_kw] = cache
         out = self.body(use_cache=True, **kw)
         new_cache = out.get("cache") if "cache" in out else out.past_key_values
-        return out.last_hidden_state, out.hidden_states, new_cache
+        return out.last_hidden_state, out.hidden_states, _as_cache(new_cache)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.hf.get_output_embeddings()(h)

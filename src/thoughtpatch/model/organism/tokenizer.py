@@ -61,6 +61,12 @@ def save_tokenizer(tokenizer, out_dir: str | Path) -> None:
 
     out_dir = Path(out_dir)
     tokenizer.save_pretrained(str(out_dir))
+    # transformers 5 names its class TokenizersBackend, which 4.x cannot resolve; both
+    # versions load the same tokenizer.json under the older name.
+    cfg_path = out_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
     # Older readers look for this file; newer transformers versions no longer write it.
     smap = out_dir / "special_tokens_map.json"
     if not smap.exists():
