@@ -56,7 +56,7 @@ def test_growing_cache_equals_plain_cache(model, monkeypatch):
         assert torch.equal(g, p)
 
 
-@pytest.mark.skipif(DynamicLayer is None, reason="transformers 4.x keeps its own cache layout")
+@pytest.mark.skipif(DynamicLayer is None, reason="this transformers has no per-layer cache objects")
 def test_forks_do_not_share_buffers(model):
     st = model.think(model.encode(model.prompt_ids(Q)), until=1)
     assert type(st.cache.layers[0]).__name__ == "GrowingLayer"

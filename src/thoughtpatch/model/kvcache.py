@@ -1,6 +1,6 @@
 """Batch surgery on HF KV caches that works with the cache layouts of transformers 4.x
-(`key_cache`/`value_cache` lists) and 5.x (`layers[i].keys/values`), and, on 5.x, a cache
-layer that grows in place (`GrowingLayer`, switched on by `make_growing`)."""
+(`key_cache`/`value_cache` lists) and later ones (`layers[i].keys/values`), and, where
+caches are made of layers, a layer that grows in place (`GrowingLayer`, see `make_growing`)."""
 
 from __future__ import annotations
 
@@ -50,9 +50,9 @@ def take_rows(cache: Any, rows: torch.Tensor) -> Any:
     return out
 
 
-try:  # transformers ≥ 5: per-layer cache objects
+try:  # per-layer cache objects (transformers 5, and late 4.x such as 4.57)
     from transformers.cache_utils import DynamicLayer
-except ImportError:  # 4.x: caches stay as they are (correct, a little slower)
+except ImportError:  # older 4.x: caches stay as they are (correct, a little slower)
     DynamicLayer = None
 
 SPARE = 32  # positions of room added whenever a layer's buffer must grow (a short answer fits)
@@ -132,7 +132,7 @@ def append_rows(cache: Any, row: int, count: int, room: int = 0) -> Any:
 
 def make_growing(cache: Any) -> Any:
     """Switch a fresh HF cache's plain dynamic layers to `GrowingLayer` (in place); other
-    layer kinds (sliding windows) and 4.x caches are left as they are."""
+    layer kinds (sliding windows) and caches without layers are left as they are."""
     if DynamicLayer is not None and hasattr(cache, "layers"):
         for lay in cache.layers:
             if type(lay) is DynamicLayer:

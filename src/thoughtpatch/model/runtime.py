@@ -184,7 +184,8 @@ def _gqa_despite_mask(device: torch.device):
     """Several tokens on top of a cache need a mask, and with a mask transformers repeats
     every K/V head per query head (a copy of the whole cache per layer) because CUDA kernels
     would fall back to slow math. torch's CPU kernel takes grouped K/V with a mask directly,
-    bit for bit the same; transformers ≥ 5 reads this switch at each call (4.x ignores it)."""
+    bit for bit the same; recent transformers (5.24) reads this switch at each call, older
+    versions (4.x) ignore it and repeat the heads as before."""
     key = "TRANSFORMERS_SDPA_FORCE_GQA"
     if device.type != "cpu" or key in os.environ:
         yield
