@@ -22,26 +22,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import time
 
 import torch
 
 from thoughtpatch.data.schema import Pair, Problem
-from thoughtpatch.model.synthetic import SHAPES, WORDS, random_codi
+from thoughtpatch.model.synthetic import SHAPES, question, random_codi
 from thoughtpatch.patching.engine import BatchedEngine, ReferenceEngine
 from thoughtpatch.patching import metrics as M
 from thoughtpatch.patching.experiments import PairRuns, all_layers, pair_runs, patch_pair
 
 
-def words(n_words: int, seed: int) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) for _ in range(n_words - 6)) + " has 10 apples . how many ?"
-
-
 def bench_pair(model, i: int, n_words: int, max_new_tokens: int) -> PairRuns:
     """Pair i (see the module doc): different words, answers the model separates most."""
-    clean_q, corrupted_q = words(n_words, 2 * i), words(n_words, 2 * i + 1)
+    clean_q, corrupted_q = question(n_words, 10, seed=2 * i), question(n_words, 10, seed=2 * i + 1)
     probe = pair_runs(model, Pair(i, Problem(clean_q, 0), Problem(corrupted_q, 1)), max_new_tokens=1)
     numbers = [n for n in range(1000) if len(model.answer_ids(n)) == len(model.answer_ids(0))]
     ids = [model.answer_ids(n)[probe.target.decision] for n in numbers]

@@ -8,7 +8,7 @@ import torch
 
 import thoughtpatch.model.runtime as runtime
 from tests.tiny import make_tiny_codi
-from thoughtpatch.model import Intervention, LatentState, Site, load_model
+from thoughtpatch.model import Intervention, Site, load_model
 from thoughtpatch.model.kvcache import DynamicLayer
 
 Q = "tom has 3 apples and he buys 5 more . how many apples has tom ?"
@@ -21,14 +21,14 @@ def model(request, tmp_path_factory):
 
 
 def _scenario(model) -> list[torch.Tensor]:
-    """Encode, fork, think part-way, add copies of a row (take + concat, and join), patch,
-    think on, take rows and extend them, teacher-force, rewind, teacher-force other tokens,
-    decode."""
+    """Encode, fork, think part-way, add copies of a row, patch, think on, add more rows
+    (into new room, then in place), take rows and extend them, teacher-force, rewind,
+    teacher-force other tokens, decode."""
     base = model.encode(model.prompt_ids(Q))
     a = model.think(base.fork(), until=2)
-    b = LatentState.concat([a, a.take([0, 0])])
+    b = a.join(0, 2)  # a new buffer with exactly these rows
     b = model.think(b, [Intervention.zero(Site(1, 2), rows=(1,))], until=3)
-    b = b.join(1, 1, room=2)  # a new buffer with room for two more rows ...
+    b = b.join(1, 1, room=2)  # no room: a new buffer, with room for two more rows ...
     b = b.join(0, 2)  # ... which this join fills in place
     b = model.think(b, [Intervention.zero(Site(0, 3), rows=(4,))])
     out = [b.latent_hidden()]

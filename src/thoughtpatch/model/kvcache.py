@@ -25,20 +25,6 @@ def _set_layers(cache: Any, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None
         cache.value_cache[:] = [v for _, v in kv]
 
 
-def cat_caches(caches: list[Any]) -> Any:
-    """One cache holding every row of `caches` (equal sequence lengths), in order."""
-    if len(caches) == 1:
-        return caches[0]
-    out = copy.copy(caches[0])
-    if hasattr(out, "layers"):
-        out.layers = [copy.copy(lay) for lay in out.layers]
-    else:
-        out.key_cache, out.value_cache = list(out.key_cache), list(out.value_cache)
-    per_cache = [_layers(c) for c in caches]
-    _set_layers(out, [(torch.cat([p[i][0] for p in per_cache]), torch.cat([p[i][1] for p in per_cache])) for i in range(len(per_cache[0]))])
-    return out
-
-
 def take_rows(cache: Any, rows: torch.Tensor) -> Any:
     """A new cache holding `rows` of `cache` (indices may repeat); `cache` is left as it is."""
     out = copy.copy(cache)
@@ -77,7 +63,7 @@ if DynamicLayer is not None:
         one buffer instead of concatenating the whole cache at every step, the copy that
         dominates cache time when a hundred variants decode side by side. Keys and values
         are views buf[:b, :, :n]; `crop` (a shorter view) lets the next step overwrite what
-        was dropped. Any other assignment (take, concat, deepcopy) simply starts a new buffer
+        was dropped. Any other assignment (take, deepcopy) simply starts a new buffer
         on the next update. Same values, same attention inputs: only the copying changes."""
 
         _kbuf: torch.Tensor | None = None
@@ -115,6 +101,11 @@ if DynamicLayer is not None:
             self.keys, self.values = self._kbuf[: b + count, :, :n], self._vbuf[: b + count, :, :n]
 
 
+def with_copies(t: torch.Tensor, row: int, count: int) -> torch.Tensor:
+    """`t` with `count` copies of its batch row `row` appended."""
+    return torch.cat([t, t[row : row + 1].expand(count, *t.shape[1:])])
+
+
 def append_rows(cache: Any, row: int, count: int, room: int = 0) -> Any:
     """`cache` with `count` copies of batch row `row` appended, in place. Growing layers keep
     room for `room` further rows, so a later append copies only its own rows."""
@@ -123,10 +114,9 @@ def append_rows(cache: Any, row: int, count: int, room: int = 0) -> Any:
             if isinstance(lay, GrowingLayer) and lay.is_initialized and lay.keys.numel():
                 lay.append_rows(row, count, room)
             elif lay.is_initialized and lay.keys.numel():
-                lay.keys = torch.cat([lay.keys, lay.keys[row : row + 1].expand(count, -1, -1, -1)])
-                lay.values = torch.cat([lay.values, lay.values[row : row + 1].expand(count, -1, -1, -1)])
+                lay.keys, lay.values = with_copies(lay.keys, row, count), with_copies(lay.values, row, count)
         return cache
-    _set_layers(cache, [(torch.cat([k, k[row : row + 1].expand(count, -1, -1, -1)]), torch.cat([v, v[row : row + 1].expand(count, -1, -1, -1)])) for k, v in _layers(cache)])
+    _set_layers(cache, [(with_copies(k, row, count), with_copies(v, row, count)) for k, v in _layers(cache)])
     return cache
 
 

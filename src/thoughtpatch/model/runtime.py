@@ -137,30 +137,9 @@ class LatentState:
     def join(self, row: int, count: int, room: int = 0) -> "LatentState":
         """This batch with `count` copies of `row` appended (the state is consumed: its cache
         grows in place, keeping room for `room` more rows so later joins copy only theirs)."""
-        from thoughtpatch.model.kvcache import append_rows
+        from thoughtpatch.model.kvcache import append_rows, with_copies
 
-        cache = append_rows(self.cache, row, count, room)
-        return self._with_rows(cache, lambda t: torch.cat([t, t[row : row + 1].expand(count, *t.shape[1:])]))
-
-    @staticmethod
-    def concat(states: list["LatentState"]) -> "LatentState":
-        """Stack runs that are at the same step into one batch (the inputs are consumed)."""
-        from thoughtpatch.model.kvcache import cat_caches
-
-        first = states[0]
-        if any(s.step != first.step or s.prompt_len != first.prompt_len for s in states):
-            raise ValueError("can only stack runs at the same thought of the same prompt")
-        cat = lambda name: [torch.cat(ts) for ts in zip(*(getattr(s, name) for s in states))]  # noqa: E731
-        return replace(
-            first,
-            cache=cat_caches([s.cache for s in states]),
-            next_input=torch.cat([s.next_input for s in states]),
-            bot_hidden=torch.cat([s.bot_hidden for s in states]),
-            inputs=cat("inputs"),
-            resid=cat("resid"),
-            hidden=cat("hidden"),
-            logits=cat("logits") if all(len(s.logits) == len(first.logits) for s in states) else [],
-        )
+        return self._with_rows(append_rows(self.cache, row, count, room), lambda t: with_copies(t, row, count))
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ are random (and the tokenizer is a small word-level one)."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -84,7 +85,9 @@ def random_codi(shape: Shape, num_thoughts: int = 6, dtype: torch.dtype = torch.
     )
 
 
-def question(n_words: int, number: int) -> str:
-    """A deterministic question of about n_words words that mentions `number`."""
-    body = " ".join(WORDS[(i * 7) % len(WORDS)] for i in range(max(0, n_words - 6)))
-    return f"{body} has {number} apples . how many ?"
+def question(n_words: int, number: int, seed: int | None = None) -> str:
+    """A deterministic question of about n_words words that mentions `number`; with `seed`,
+    its words are drawn at random (different seeds, different words)."""
+    n, rng = max(0, n_words - 6), random.Random(seed)
+    words = [WORDS[(i * 7) % len(WORDS)] if seed is None else rng.choice(WORDS) for i in range(n)]
+    return f"{' '.join(words)} has {number} apples . how many ?"
