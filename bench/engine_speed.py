@@ -30,7 +30,7 @@ from thoughtpatch.data.schema import Pair, Problem
 from thoughtpatch.model.synthetic import SHAPES, question, random_codi
 from thoughtpatch.patching.engine import BatchedEngine, ReferenceEngine
 from thoughtpatch.patching import metrics as M
-from thoughtpatch.patching.experiments import PairRuns, all_layers, pair_runs, patch_pair
+from thoughtpatch.patching.experiments import PairRuns, Spec, all_layers, pair_runs, patch_pair
 
 
 def bench_pair(model, i: int, n_words: int, max_new_tokens: int) -> PairRuns:
@@ -50,7 +50,7 @@ def all_experiments(engine, model, runs):
     layers, thoughts = all_layers(model), list(range(model.num_thoughts))
     rows = []
     for r in runs:
-        for exp_rows in patch_pair(engine, r, ["layer", "position", "iterative"], layers, thoughts, model.num_thoughts).values():
+        for exp_rows in patch_pair(engine, r, ["layer", "position", "iterative"], Spec("resid", tuple(layers), tuple(thoughts))).values():
             rows += exp_rows
     return rows
 

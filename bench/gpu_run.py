@@ -34,7 +34,7 @@ import torch
 from thoughtpatch.data.schema import Pair, Problem
 from thoughtpatch.model.synthetic import SHAPES, question, random_codi
 from thoughtpatch.patching.engine import BatchedEngine
-from thoughtpatch.patching.experiments import all_layers, iterative_patching, layer_patching, pair_runs, patch_pair, position_patching
+from thoughtpatch.patching.experiments import Spec, all_layers, iterative_patching, layer_patching, pair_runs, patch_pair, position_patching
 
 
 class FlopCounter:
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows["position"] = timed("exp1_position", lambda: sum((position_patching(engine, r, layers, thoughts, args.direction) for r in runs), []))
     rows["iterative"] = timed("exp2_iterative", lambda: sum((iterative_patching(engine, r, layers, k, args.direction) for r in runs), []))
     # What `thoughtpatch run` does: every experiment of a pair in one engine call.
-    combined = timed("all_one_pass", lambda: [patch_pair(engine, r, ["layer", "position", "iterative"], layers, thoughts, k, args.direction) for r in runs])
+    combined = timed("all_one_pass", lambda: [patch_pair(engine, r, ["layer", "position", "iterative"], Spec("resid", tuple(layers), tuple(thoughts), args.direction)) for r in runs])
     rows["all_one_pass"] = [row for d in combined for rs in d.values() for row in rs]
 
     separate = [n for n in phases if n != "all_one_pass"]

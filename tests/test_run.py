@@ -48,7 +48,7 @@ def full_run(tiny, tmp_path_factory):
     return out
 
 
-def test_outputs(full_run):
+def test_outputs(full_run, tiny):
     for f in ("manifest.json", "pairs.json", "checks.json", "clean_activations.safetensors", "corrupted_activations.safetensors"):
         assert (full_run / f).is_file(), f
     layers, k = 4, 4  # input + 3 blocks; K from thoughtpatch.json
@@ -71,12 +71,18 @@ def test_outputs(full_run):
     assert names["iteration0_equals_exp1"]["verdict"] == "pass"
     assert names["all_sites_reproduce_source"]["verdict"] == "pass"
     assert all(c["verdict"] in ("pass", "fail", "info") for c in checks)
-    # the flip floor: pairs whose unpatched runs already answer alike, from the cached answers
+    # the flip floor: pairs whose unpatched runs already give the same answer (CODI's rule:
+    # the extracted number), recomputed from the cached answer ids
     from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from thoughtpatch.model import extract_number
+
+    tok = AutoTokenizer.from_pretrained(str(tiny[1]))
 
     def answers(role):
         with safe_open(str(full_run / f"{role}_activations.safetensors"), "pt") as f:
-            return {k.split(".")[0]: f.get_tensor(k).tolist() for k in f.keys() if k.endswith(".answer_ids")}
+            return {k.split(".")[0]: extract_number(tok.decode(f.get_tensor(k).tolist(), skip_special_tokens=True)) for k in f.keys() if k.endswith(".answer_ids")}
 
     clean, corrupted = answers("clean"), answers("corrupted")
     alike = sum(clean[p] == corrupted[p] for p in clean)

@@ -1,5 +1,6 @@
-"""Tiny CODI checkpoints built inside the tests (no downloads): a word-level tokenizer,
-a random LLaMA or GPT-2 base, LoRA adapters with random B, and CODI's prj."""
+"""Tiny checkpoints built inside the tests (no downloads): a word-level tokenizer, a random
+LLaMA or GPT-2 base; for CODI LoRA adapters with random B and CODI's prj, for Coconut the raw
+`base_causallm.*` + `embedding.weight` state dict its run.py saves."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def make_tokenizer(out: Path, bos: bool) -> int:
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>"]
-    vocab = {t: i for i, t in enumerate(specials + WORDS + NUMBERS)}
+    vocab = {t: i for i, t in enumerate(specials + WORDS + NUMBERS + ["#"])}  # '#': Coconut's answer marker
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     if bos:
@@ -78,3 +79,34 @@ def make_tiny_codi(
         save_file(sd, str(ckpt / "model.safetensors"))
     (ckpt / "thoughtpatch.json").write_text(json.dumps({"lora_alpha": 2 * lora_r, "num_thoughts": 4}))
     return ckpt, base
+
+
+def make_tiny_coconut(root: Path, family: str = "gpt2", seed: int = 0) -> tuple[Path, Path]:
+    """Write base/ (config + tokenizer, no markers) and ckpt/checkpoint_3 (Coconut's raw
+    state dict, fp32, V0 + 3 rows) under root; return (checkpoint file, base)."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    torch.manual_seed(seed)
+    base, ckpt = root / "base", root / "ckpt"
+    base.mkdir(parents=True, exist_ok=True)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    v0 = make_tokenizer(base, bos=family == "llama")
+    if family == "llama":
+        cfg = LlamaConfig(
+            vocab_size=v0, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+        )
+    else:
+        cfg = GPT2Config(vocab_size=v0, n_embd=32, n_layer=3, n_head=4, n_positions=512, bos_token_id=2, eos_token_id=2)
+    cfg.save_pretrained(base)
+    lm = AutoModelForCausalLM.from_config(cfg)
+    lm.resize_token_embeddings(v0 + 3, mean_resizing=False)
+    with torch.no_grad():
+        for n, p in lm.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)
+    sd = {"base_causallm." + k: v.detach().clone().contiguous() for k, v in lm.state_dict().items()}
+    sd["embedding.weight"] = lm.get_input_embeddings().weight.detach().clone()
+    path = ckpt / "checkpoint_3"
+    torch.save(sd, path)
+    return path, base

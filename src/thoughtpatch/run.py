@@ -263,8 +263,8 @@ def run_experiments(cfg: RunConfig, progress: bool = True, log: Callable[[str], 
     from thoughtpatch.model.checkpoint import find_checkpoint_file
     from thoughtpatch.model.loader import resolve_model
     from thoughtpatch.patching import checks as C
-    from thoughtpatch.patching.engine import BatchedEngine, ReferenceEngine, Target
-    from thoughtpatch.patching.experiments import PairRuns, all_layers, pair_runs, patch_pair
+    from thoughtpatch.patching.engine import BatchedEngine, Prompt, ReferenceEngine, Target
+    from thoughtpatch.patching.experiments import PairRuns, Spec, all_layers, pair_runs, patch_pair
     from thoughtpatch.report.cache import load_cache, save_cache
     from thoughtpatch.report.results import ResultsWriter, read_rows, write_summary
     from thoughtpatch.report.tracking import Tracker
@@ -352,7 +352,7 @@ def run_experiments(cfg: RunConfig, progress: bool = True, log: Callable[[str], 
         rs = []
         for p in pairs:
             target = Target.for_answers(model, p.clean.answer, p.corrupted.answer, max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids)
-            rs.append(PairRuns(p, model.prompt_ids(p.clean.question), model.prompt_ids(p.corrupted.question), target, clean[p.pair_id], corrupted[p.pair_id]))
+            rs.append(PairRuns(p, model.prompt_ids(p.clean.question), Prompt(tuple(model.prompt_ids(p.corrupted.question))), target, clean[p.pair_id], corrupted[p.pair_id]))
         return rs
 
     cache_paths = {role: out / f"{role}_activations.safetensors" for role in ("clean", "corrupted")}
@@ -368,7 +368,7 @@ def run_experiments(cfg: RunConfig, progress: bool = True, log: Callable[[str], 
                 runs.append(pair_runs(model, p, cfg.max_new_tokens, stop_ids))
                 step()
             for role, path in cache_paths.items():
-                save_cache(path, {r.pair.pair_id: getattr(r, role) for r in runs}, cache_meta | {"role": role})
+                save_cache(path, {r.pair.pair_id: (getattr(r, f"{role}_ids"), getattr(r, role)) for r in runs}, cache_meta | {"role": role})
         timings["unpatched_runs"] = time.perf_counter() - t0
         base_checks = C.baseline_checks(model, runs, cfg.max_new_tokens, stop_ids)
         acc = {c["name"]: c["value"] for c in base_checks}
@@ -390,7 +390,7 @@ def run_experiments(cfg: RunConfig, progress: bool = True, log: Callable[[str], 
         for r in todo:
             # One engine call per pair for every experiment still missing: a single pass.
             missing = [e for e in exps if r.pair.pair_id not in writers[e].done]
-            rows = patch_pair(engine, r, missing, layers, thoughts, k_total, cfg.direction)
+            rows = patch_pair(engine, r, missing, Spec("resid", tuple(layers), tuple(thoughts), cfg.direction))
             for e in missing:
                 writers[e].write_pair(rows[e])
                 tracker.log_pair(rows[e])

@@ -27,16 +27,16 @@ def _scenario(model) -> list[torch.Tensor]:
     base = model.encode(model.prompt_ids(Q))
     a = model.think(base.fork(), until=2)
     b = a.join(0, 2)  # a new buffer with exactly these rows
-    b = model.think(b, [Intervention.zero(Site(1, 2), rows=(1,))], until=3)
+    b = model.think(b, [Intervention.zero(Site("resid", 1, 2), rows=(1,))], until=3)
     b = b.join(1, 1, room=2)  # no room: a new buffer, with room for two more rows ...
     b = b.join(0, 2)  # ... which this join fills in place
-    b = model.think(b, [Intervention.zero(Site(0, 3), rows=(4,))])
+    b = model.think(b, [Intervention.zero(Site("resid", 0, 3), rows=(4,))])
     out = [b.latent_hidden()]
     d = b.take([2, 0])  # a taken state grows on its own, never into b's room
-    out.append(model.teacher_force(d, [model.eot_id, 9, 9], keep=3))
-    out.append(model.teacher_force(b, [model.eot_id, 5, 6], keep=2))
+    out.append(model.teacher_force(d, [model.readout_id, 9, 9], keep=3))
+    out.append(model.teacher_force(b, [model.readout_id, 5, 6], keep=2))
     model.rewind(b)
-    out.append(model.teacher_force(b, [model.eot_id, 7], keep=1))
+    out.append(model.teacher_force(b, [model.readout_id, 7], keep=1))
     model.rewind(b, extra=1)
     out.append(model.teacher_force(b, [8], keep=1))
     model.rewind(b)

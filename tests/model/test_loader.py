@@ -52,7 +52,7 @@ def test_reads_rank_alpha_prj_dim_and_k(tiny):
     assert m.num_thoughts == 4  # from thoughtpatch.json
     lora = [mod for name, mod in m.net.named_modules() if name.endswith("q_proj")][0]
     assert lora.scaling["default"] == pytest.approx(8 / 4)
-    assert m.bot_id == m.pad_id + 1 == m.eot_id - 1
+    assert m.open_id == m.pad_id + 1 == m.readout_id - 1
 
 
 def test_lora_alpha_changes_the_model(tiny):

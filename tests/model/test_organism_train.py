@@ -80,7 +80,7 @@ def test_checkpoint_reloads(tmp_path):
     assert not any("lora" in k or "base_layer" in k for k in keys)
 
     m = load_model(str(tmp_path))
-    assert m.num_thoughts == 4 and m.bot_id == len(tok) + 1 and m.eot_id == len(tok) + 2
+    assert m.num_thoughts == 4 and m.open_id == len(tok) + 1 and m.readout_id == len(tok) + 2
     q = "Tom has 12 apples. He buys 5 more. How many apples are left?"
     ids = m.prompt_ids(q)
     assert ids == tok(q)["input_ids"] + [len(tok) + 1]

@@ -28,7 +28,7 @@ def test_cached_loop_equals_full_recompute(model):
     full = torch.stack(out.hidden_states, 2)[0, len(ids):]  # [K, L+1, H]
     assert (full - st.latent_hidden()[0]).abs().max().item() <= 1e-5
     # and the answer position: eot after the thoughts
-    eot = model.embed(torch.tensor([[model.eot_id]]))
+    eot = model.embed(torch.tensor([[model.readout_id]]))
     with torch.inference_mode():
         out2 = model.net(inputs_embeds=torch.cat([emb, eot], 1), use_cache=False)
     _, first = model.generate(st, max_new_tokens=1)
@@ -41,8 +41,8 @@ def test_self_patch_changes_nothing(model):
     st = model.think(model.encode(ids))
     gens, first = model.generate(st)
     resid, inputs = st.latent_resid()[0], st.latent_inputs()[0]
-    ivs = [Intervention.replace(Site(l, k), resid[k, l]) for k in range(model.num_thoughts) for l in range(model.num_layers)]
-    ivs += [Intervention.replace(Site(INPUT, k), inputs[k]) for k in range(model.num_thoughts)]
+    ivs = [Intervention.replace(Site("resid", l, k), resid[k, l]) for k in range(model.num_thoughts) for l in range(model.num_layers)]
+    ivs += [Intervention.replace(Site(INPUT, thought=k), inputs[k]) for k in range(model.num_thoughts)]
     st2 = model.think(model.encode(ids), ivs)
     gens2, first2 = model.generate(st2)
     assert torch.equal(first, first2)
@@ -55,7 +55,7 @@ def test_patch_reaches_later_thoughts_only(model):
     ids = model.prompt_ids(Q)
     st = model.think(model.encode(ids))
     k, l = 1, 0
-    st2 = model.think(model.encode(ids), [Intervention.zero(Site(l, k))])
+    st2 = model.think(model.encode(ids), [Intervention.zero(Site("resid", l, k))])
     assert torch.equal(st.latent_hidden()[:, :k], st2.latent_hidden()[:, :k])
     assert torch.equal(st2.latent_resid()[0, k, l], torch.zeros(model.hidden_size))
     assert not torch.equal(st.latent_inputs()[:, k + 1], st2.latent_inputs()[:, k + 1])
@@ -66,8 +66,8 @@ def test_rows_and_fork(model):
     ids = model.prompt_ids(Q)
     base = model.encode(ids)
     ref = model.think(base.fork())
-    batch = model.think(base.fork(3), [Intervention.zero(Site(1, 0), rows=(1,))])
-    single = model.think(base.fork(), [Intervention.zero(Site(1, 0))])
+    batch = model.think(base.fork(3), [Intervention.zero(Site("resid", 1, 0), rows=(1,))])
+    single = model.think(base.fork(), [Intervention.zero(Site("resid", 1, 0))])
     assert (batch.latent_hidden()[0] - ref.latent_hidden()[0]).abs().max() <= 1e-5
     assert (batch.latent_hidden()[1] - single.latent_hidden()[0]).abs().max() <= 1e-5
     assert (batch.latent_hidden()[2] - ref.latent_hidden()[0]).abs().max() <= 1e-5
@@ -88,7 +88,7 @@ def test_greedy_never_picks_eot(model):
     ids = model.prompt_ids(Q)
     st = model.think(model.encode(ids))
     gens, _ = model.generate(st, max_new_tokens=20)
-    assert model.eot_id not in gens[0].token_ids
+    assert model.readout_id not in gens[0].token_ids
 
 
 def test_zero_thoughts_goes_straight_to_eot(model):

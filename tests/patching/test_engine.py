@@ -11,7 +11,7 @@ from tests.tiny import make_tiny_codi
 from thoughtpatch.data.schema import Pair, Problem
 from thoughtpatch.model import INPUT, load_model
 from thoughtpatch.patching.engine import BatchedEngine, Patch, ReferenceEngine, Variant, _distinct
-from thoughtpatch.patching.experiments import all_layers, iterative_patching, layer_patching, pair_runs, patch_pair, position_patching
+from thoughtpatch.patching.experiments import Spec, all_layers, iterative_patching, layer_patching, pair_runs, patch_pair, position_patching, site_at
 from thoughtpatch.model.runtime import Site
 
 PAIR = Pair(
@@ -74,7 +74,7 @@ def test_self_patch_changes_nothing(model, runs):
     """Corrupted activations into the corrupted run, at every single site: exactly no effect."""
     ids, receiving = runs.corrupted_ids, runs.corrupted
     variants = [
-        Variant((Patch(Site(l, k), receiving.inputs[k] if l == INPUT else receiving.resid[k, l]),))
+        Variant((Patch(site_at("resid", l, k), receiving.inputs[k] if l == INPUT else receiving.resid[k, l]),))
         for k in range(model.num_thoughts)
         for l in all_layers(model)
     ]
@@ -87,7 +87,7 @@ def test_all_sites_clean_reproduces_clean_thoughts(model, runs):
     """Every thought site patched with clean: the thoughts *are* the clean thoughts; and with
     the clean prompt too, the whole run is the clean run."""
     sites = [(l, k) for k in range(model.num_thoughts) for l in all_layers(model)]
-    v = Variant(tuple(Patch(Site(l, k), runs.clean.inputs[k] if l == INPUT else runs.clean.resid[k, l]) for l, k in sites))
+    v = Variant(tuple(Patch(site_at("resid", l, k), runs.clean.inputs[k] if l == INPUT else runs.clean.resid[k, l]) for l, k in sites))
     (ro,) = ReferenceEngine(model).run(runs.corrupted_ids, [v], runs.target)
     assert (ro.resid - runs.clean.resid).abs().max() == 0
     assert (ro.inputs - runs.clean.inputs).abs().max() == 0
@@ -102,8 +102,8 @@ def test_input_row_is_layer_rows_shifted(model, runs):
     ref = ReferenceEngine(model)
     k = 1
     last = model.num_layers - 1
-    (a,) = ref.run(runs.corrupted_ids, [Variant((Patch(Site(INPUT, k + 1), runs.clean.inputs[k + 1]),))], runs.target)
-    (b,) = ref.run(runs.corrupted_ids, [Variant((Patch(Site(last, k), runs.clean.resid[k, last]),))], runs.target)
+    (a,) = ref.run(runs.corrupted_ids, [Variant((Patch(Site(INPUT, thought=k + 1), runs.clean.inputs[k + 1]),))], runs.target)
+    (b,) = ref.run(runs.corrupted_ids, [Variant((Patch(Site("resid", last, k), runs.clean.resid[k, last]),))], runs.target)
     assert torch.allclose(a.inputs[k + 1], b.inputs[k + 1], atol=1e-6)
 
 
@@ -115,11 +115,11 @@ def test_out_of_memory_halves_the_batch(model, runs, monkeypatch):
     real = BatchedEngine._run_chunk
     sizes = []
 
-    def flaky(self, base, ids, variants, target):
+    def flaky(self, base, ids, *rest):
         sizes.append(len(ids))
         if len(ids) > 5:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(self, base, ids, variants, target)
+        return real(self, base, ids, *rest)
 
     monkeypatch.setattr(BatchedEngine, "_run_chunk", flaky)
     _close(position_patching(engine, runs, layers, thoughts), want)
@@ -132,23 +132,23 @@ def test_all_experiments_in_one_call_equal_reference(model, runs):
     variants (Exp 2 iteration 0 = Exp 1 thought 0) run once and read out like the rest."""
     layers, thoughts = all_layers(model), list(range(model.num_thoughts))
     exps = ["layer", "position", "iterative"]
-    bat = patch_pair(BatchedEngine(model), runs, exps, layers, thoughts, model.num_thoughts)
-    ref = patch_pair(ReferenceEngine(model), runs, exps, layers, thoughts, model.num_thoughts)
+    bat = patch_pair(BatchedEngine(model), runs, exps, Spec("resid", tuple(layers), tuple(thoughts)))
+    ref = patch_pair(ReferenceEngine(model), runs, exps, Spec("resid", tuple(layers), tuple(thoughts)))
     for e in exps:
         _close(bat[e], ref[e])
 
 
 def test_identical_variants_run_once(model, runs):
     a = runs.clean.resid[0, 1]
-    v = Variant((Patch(Site(1, 0), a),))
-    chain = Variant((Patch(Site(1, 1), None, from_variant=1),))
-    distinct, index = _distinct([v, Variant((Patch(Site(1, 0), runs.clean.resid[0, 1]),)), chain, Variant((Patch(Site(1, 0), a.clone()),))])
+    v = Variant((Patch(Site("resid", 1, 0), a),))
+    chain = Variant((Patch(Site("resid", 1, 1), None, from_variant=1),))
+    distinct, index = _distinct([v, Variant((Patch(Site("resid", 1, 0), runs.clean.resid[0, 1]),)), chain, Variant((Patch(Site("resid", 1, 0), a.clone()),))])
     # the same view runs once (and the chain's reference follows it); an equal copy runs again
     assert index == [0, 0, 1, 2] and distinct[1].patches[0].from_variant == 0
     out = BatchedEngine(model).run(runs.corrupted_ids, [v, v, chain], runs.target)
     assert out[0] is out[1]
     with pytest.raises(ValueError, match="variant 0 refers to variant 1"):
-        _distinct([Variant((Patch(Site(1, 1), None, from_variant=1),)), v])
+        _distinct([Variant((Patch(Site("resid", 1, 1), None, from_variant=1),)), v])
 
 
 def test_readout_decode_equals_plain_generate(model, runs):

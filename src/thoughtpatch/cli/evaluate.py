@@ -21,11 +21,14 @@ def eval_cmd(
     batch: int = typer.Option(64, "--batch", help="Questions per forward (same-length prompts only)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Decode limit (CODI: 256; organism default 32)."),
+    per_thought: bool = typer.Option(True, "--per-thought/--no-per-thought", help="Also ablate each single thought (zero, mean, resample)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """Greedy accuracy with thoughts, thoughts zero-ablated, thoughts mean-ablated, no thoughts
-    (K = 0) and, for the organism, explicit CoT; overall and by number of steps. Without
-    --pairs the organism is evaluated on its fixed held-out set (never trained on)."""
+    """Does the model use its thoughts? Greedy accuracy with thoughts, with every thought
+    zero-, mean- and resample-ablated, with no thoughts (K = 0) and, for an organism, with
+    explicit CoT; overall and by number of steps. Then the accuracy with one thought at a time
+    ablated each way (which thought is necessary). Without --pairs an organism is evaluated on
+    its fixed held-out set (never trained on)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from rich.console import Console
     from rich.progress import Progress
@@ -52,15 +55,15 @@ def eval_cmd(
     else:
         raise ThoughtpatchError("no default evaluation set for this model; pass --pairs FILE")
     problems = spread(problems, n)
-    conditions = CONDITIONS if organism else CONDITIONS[:4]
+    conditions = CONDITIONS if organism else CONDITIONS[:5]
     m = load_model(model, base=base, dtype=dtype)
-    mnt = max_new_tokens or (32 if organism else 256)
+    mnt = max_new_tokens or (32 if organism else None)  # None: the family's own limit
 
     err = Console(stderr=True)
-    total = len(problems) * (len(conditions) + 0)
+    passes = len(conditions) + (3 * m.num_thoughts if per_thought else 0)
     with Progress(console=err, transient=True, disable=as_json and not err.is_terminal) as bar:
-        task = bar.add_task("eval", total=total)
-        res = evaluate(m, problems, conditions, batch=batch, max_new_tokens=mnt,
+        task = bar.add_task("eval", total=len(problems) * passes)
+        res = evaluate(m, problems, conditions, batch=batch, max_new_tokens=mnt, per_thought=per_thought,
                        progress=lambda c, k: bar.update(task, advance=k, description=c))
     if as_json:
         print(json.dumps(res))
@@ -73,4 +76,13 @@ def eval_cmd(
         t.add_column(col, justify="left" if col == "condition" else "right")
     for cond, a in res["accuracy"].items():
         t.add_row(cond, f"{100 * a['all']:.1f}", *[f"{100 * a['steps'][s]:.1f}" if s in a["steps"] else "–" for s in steps])
-    Console().print(t)
+    con = Console()
+    con.print(t)
+    if "per_thought" in res:
+        k = len(res["per_thought"]["zero"])
+        pt = Table(title="accuracy with one thought ablated (%)")
+        for col in ["ablation", *[f"thought {j}" for j in range(k)]]:
+            pt.add_column(col, justify="left" if col == "ablation" else "right")
+        for how, accs in res["per_thought"].items():
+            pt.add_row(how, *[f"{100 * a:.1f}" for a in accs])
+        con.print(pt)

@@ -1,8 +1,10 @@
-"""CODI checkpoint files: read (pytorch_model.bin or model.safetensors), write, describe.
+"""Checkpoint files: read (pytorch_model.bin, model.safetensors or Coconut's raw
+`checkpoint_N`), write, and tell the family from the keys.
 
-Keys follow CODI's `CODI` module: `codi.base_model.model.<HF name>` for the (PEFT-wrapped)
+CODI's keys follow its `CODI` module: `codi.base_model.model.<HF name>` for the (PEFT-wrapped)
 LM — LoRA-wrapped layers as `<module>.base_layer.*` and `<module>.lora_{A,B}.default.weight` —
-and `prj.{1,3,ln}.*` for the projection.
+and `prj.{1,3,ln}.*` for the projection. Coconut's follow its `Coconut` module:
+`base_causallm.<HF name>` for the LM and `embedding.weight` (the same input embedding again).
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import torch
 from thoughtpatch.errors import ThoughtpatchError
 
 LM_PREFIX = "codi.base_model.model."
+COCONUT_PREFIX = "base_causallm."
 LEGACY_PREFIX = "coconut."  # an older name of the same module, accepted as an alias
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # CODI's own order of preference
 SIDECAR = "thoughtpatch.json"
 
 
 def find_checkpoint_file(path: str | Path) -> Path:
+    """The weights file: `path` itself, or in a directory model.safetensors, pytorch_model.bin,
+    or a single Coconut `checkpoint_<epoch>` file."""
     path = Path(path)
     if path.is_file():
         return path
@@ -28,7 +33,12 @@ def find_checkpoint_file(path: str | Path) -> Path:
         for name in WEIGHT_FILES:
             if (path / name).is_file():
                 return path / name
-        raise ThoughtpatchError(f"{path}: no {' or '.join(WEIGHT_FILES)} in this directory")
+        raw = sorted(p for p in path.glob("checkpoint_*") if p.is_file() and p.name.split("_", 1)[1].isdigit())
+        if len(raw) == 1:
+            return raw[0]
+        if raw:
+            raise ThoughtpatchError(f"{path}: several Coconut checkpoints ({', '.join(p.name for p in raw)}); name the file")
+        raise ThoughtpatchError(f"{path}: no {' or '.join(WEIGHT_FILES)} or checkpoint_<epoch> in this directory")
     raise ThoughtpatchError(f"{path}: checkpoint not found")
 
 
@@ -47,6 +57,22 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ThoughtpatchError(f"{f}: not a state dict of tensors")
     return {(k.replace(LEGACY_PREFIX, "codi.", 1) if k.startswith(LEGACY_PREFIX) else k): v for k, v in sd.items()}
+
+
+def detect_family(sd: dict[str, torch.Tensor], path: str | Path):
+    """CODI or Coconut, from the key layout (the two are disjoint)."""
+    from thoughtpatch.model.families import COCONUT, CODI
+
+    if any(k.startswith("codi.") for k in sd) or any(k.startswith("prj.") for k in sd):
+        return CODI
+    if any(k.startswith(COCONUT_PREFIX) for k in sd):
+        return COCONUT
+    if any(k.endswith(("embed_tokens.weight", "wte.weight")) for k in sd):
+        raise ThoughtpatchError(
+            f"{path}: a plain language-model state dict (no codi./prj. or base_causallm. keys; e.g. a Coconut CoT-stage "
+            "checkpoint): it has no latent thoughts to patch"
+        )
+    raise ThoughtpatchError(f"{path}: neither a CODI (codi.*, prj.*) nor a Coconut (base_causallm.*) checkpoint: {', '.join(sorted(sd)[:3])} ...")
 
 
 def read_sidecar(path: str | Path) -> dict:

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 
-def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) per layer, each [B, kv_heads, T, head_dim]; writing into them edits the cache."""
     if hasattr(cache, "layers"):
         return [(lay.keys, lay.values) for lay in cache.layers]
     return list(zip(cache.key_cache, cache.value_cache))
@@ -32,7 +33,7 @@ def take_rows(cache: Any, rows: torch.Tensor) -> Any:
         out.layers = [copy.copy(lay) for lay in out.layers]
     else:
         out.key_cache, out.value_cache = list(out.key_cache), list(out.value_cache)
-    _set_layers(out, [(k[rows], v[rows]) for k, v in _layers(cache)])
+    _set_layers(out, [(k[rows], v[rows]) for k, v in cache_layers(cache)])
     return out
 
 
@@ -116,7 +117,7 @@ def append_rows(cache: Any, row: int, count: int, room: int = 0) -> Any:
             elif lay.is_initialized and lay.keys.numel():
                 lay.keys, lay.values = with_copies(lay.keys, row, count), with_copies(lay.values, row, count)
         return cache
-    _set_layers(cache, [(with_copies(k, row, count), with_copies(v, row, count)) for k, v in _layers(cache)])
+    _set_layers(cache, [(with_copies(k, row, count), with_copies(v, row, count)) for k, v in cache_layers(cache)])
     return cache
 
 

@@ -1,6 +1,6 @@
-"""Random-weight CODI models of any LLaMA shape, built in memory: for benchmarks and
-GPU scripts that must not download anything. Same runtime, same loop; only the weights
-are random (and the tokenizer is a small word-level one)."""
+"""Random-weight continuous-thought models (CODI or Coconut) of any LLaMA shape, built in
+memory: for benchmarks and GPU scripts that must not download anything. Same runtime, same
+loop; only the weights are random (and the tokenizer is a small word-level one)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from thoughtpatch.model.families import LLAMA
-from thoughtpatch.model.runtime import CodiModel
+from thoughtpatch.model.families import LLAMA, family_named
+from thoughtpatch.model.runtime import ThoughtModel
 
 WORDS = "the a of and to in is has how many what each more left total apples boxes eggs friends buys sells gives".split()
 
@@ -50,8 +50,10 @@ def word_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
 
 
-def random_codi(shape: Shape, num_thoughts: int = 6, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0) -> CodiModel:
-    """A CODI model of this shape with N(0, 0.02) weights, K thoughts, prj_dim = hidden."""
+def random_codi(shape: Shape, num_thoughts: int = 6, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0,
+                family: str = "codi") -> ThoughtModel:
+    """A model of this shape with N(0, 0.02) weights and K thoughts: CODI (prj_dim = hidden) or
+    Coconut (no projection; its markers take the three extra rows)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from thoughtpatch.model.loader import build_prj
@@ -79,9 +81,11 @@ def random_codi(shape: Shape, num_thoughts: int = 6, dtype: torch.dtype = torch.
     hf.to(dtype).eval()
     prj.to(dtype).eval()
     tok = word_tokenizer(shape.vocab)
-    return CodiModel(
-        net=hf, hf=hf, prj=prj, tokenizer=tok, family=LLAMA, base_vocab=shape.vocab, num_thoughts=num_thoughts,
-        answer_template="The answer is : {answer}", source={"checkpoint": f"random {shape.describe()}", "base": "synthetic", "dtype": str(dtype).removeprefix("torch."), "lora_r": 0},
+    fam = family_named(family)
+    return ThoughtModel(
+        net=hf, hf=hf, prj=prj if fam.projects else None, tokenizer=tok, arch=LLAMA, family=fam, base_vocab=shape.vocab,
+        num_thoughts=num_thoughts, answer_template="The answer is : {answer}", max_new_tokens=fam.max_new_tokens,
+        source={"checkpoint": f"random {fam.name} {shape.describe()}", "base": "synthetic", "dtype": str(dtype).removeprefix("torch."), "lora_r": 0},
     )
 
 

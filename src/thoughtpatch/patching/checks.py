@@ -10,10 +10,12 @@ from collections import defaultdict
 
 import torch
 
-from thoughtpatch.model.runtime import INPUT, CodiModel, Intervention, Site
+from thoughtpatch.model.runtime import INPUT, Intervention, Site, ThoughtModel
 from thoughtpatch.patching import metrics as M
 from thoughtpatch.patching.engine import BatchedEngine, Patch, ReferenceEngine, Variant
-from thoughtpatch.patching.experiments import Direction, PairRuns, activation, all_layers
+from thoughtpatch.patching.experiments import Direction, PairRuns, all_layers, locations, site_at
+
+MAX_SELF_PATCH_SITES = 128  # one reference run per site: a wide head grid is sampled evenly
 
 
 def check(name: str, value, verdict: str, detail: str = "") -> dict:
@@ -31,21 +33,27 @@ def _mean_by(rows: list[dict], keys: tuple[str, ...], metric: str) -> dict[tuple
     return {k: sum(v) / len(v) for k, v in acc.items() if v}
 
 
-def self_patch_checks(model: CodiModel, runs: PairRuns, direction: Direction) -> list[dict]:
+def self_patch_checks(model: ThoughtModel, runs: PairRuns, direction: Direction, site: str = "resid") -> list[dict]:
     """1. Writing the receiving run's own activations back, site by site, changes nothing."""
-    ids, receiving, _ = runs.roles(direction)
-    sites = [(l, k) for k in range(model.num_thoughts) for l in all_layers(model)]
-    variants = [Variant((Patch(Site(l, k), activation(receiving, l, k)),)) for l, k in sites]
-    ref = ReferenceEngine(model).run(ids, variants, runs.target)
+    prompt, receiving, _ = runs.roles(direction)
+    locs = locations(model, site, all_layers(model))
+    sites = [site_at(site, loc, k) for k in range(model.num_thoughts) for loc in locs]
+    sampled = len(sites) > MAX_SELF_PATCH_SITES
+    if sampled:
+        sites = [sites[i * len(sites) // MAX_SELF_PATCH_SITES] for i in range(MAX_SELF_PATCH_SITES)]
+    variants = [Variant((Patch(s, model.site_value(receiving.acts, s)),)) for s in sites]
+    rec = (site,) if site != INPUT else (INPUT,)
+    ref = ReferenceEngine(model).run(prompt, variants, runs.target, record=rec)
     exact = max(float((ro.decision_logits - receiving.decision_logits).abs().max()) for ro in ref)
     same_answers = all(ro.answer.token_ids == receiving.answer.token_ids for ro in ref)
-    bat = BatchedEngine(model).run(ids, variants, runs.target)
+    bat = BatchedEngine(model).run(prompt, variants, runs.target, record=rec)
     batched = max(float((ro.decision_logits - receiving.decision_logits).abs().max()) for ro in bat)
     pid = runs.pair.pair_id
+    what = f"{len(sites)} {site} sites" + (" (an even sample of the grid)" if sampled else "")
     return [
         check(
             "self_patch_exact", exact, "pass" if exact == 0 and same_answers else "fail",
-            f"pair {pid}: receiving activations written back at each of {len(sites)} sites, one run each; max |Δ logit| at the decision position (must be 0)",
+            f"pair {pid}: receiving activations written back at each of {what}, one run each; max |Δ logit| at the decision position (must be 0)",
         ),
         check(
             "self_patch_batched", batched, "pass" if batched <= 1e-4 else "fail",
@@ -54,20 +62,20 @@ def self_patch_checks(model: CodiModel, runs: PairRuns, direction: Direction) ->
     ]
 
 
-def all_sites_check(model: CodiModel, runs: PairRuns, direction: Direction) -> list[dict]:
+def all_sites_check(model: ThoughtModel, runs: PairRuns, direction: Direction) -> list[dict]:
     """2. Every thought site from the source: the thoughts become the source's thoughts; with
     the source prompt as well, the whole run is the source run."""
-    ids, receiving, source = runs.roles(direction)
-    src_ids = runs.clean_ids if direction == "denoising" else runs.corrupted_ids
-    sites = [(l, k) for k in range(model.num_thoughts) for l in all_layers(model)]
-    v = Variant(tuple(Patch(Site(l, k), activation(source, l, k)) for l, k in sites))
+    prompt, receiving, source = runs.roles(direction)
+    src_prompt = runs.roles("noising" if direction == "denoising" else "denoising")[0]
+    sites = [site_at("resid", loc, k) for k in range(model.num_thoughts) for loc in all_layers(model)]
+    v = Variant(tuple(Patch(s, model.site_value(source.acts, s)) for s in sites))
     ref = ReferenceEngine(model)
-    (ro,) = ref.run(ids, [v], runs.target)
+    (ro,) = ref.run(prompt, [v], runs.target)
     thoughts = max(float((ro.resid - source.resid).abs().max()), float((ro.inputs - source.inputs).abs().max()))
-    (full,) = ref.run(src_ids, [v], runs.target)
+    (full,) = ref.run(src_prompt, [v], runs.target)
     whole = float((full.decision_logits - source.decision_logits).abs().max())
     kl_left = M.kl(source.decision_logits, ro.decision_logits)
-    flip = M.same_answer(ro.answer.number, source.answer.number)
+    flip = ro.answer.same(source.answer)
     pid = runs.pair.pair_id
     return [
         check(
@@ -122,7 +130,7 @@ def grid_checks(position: list[dict], layer: list[dict], direction: Direction) -
     return out
 
 
-def iterative_checks(iterative: list[dict], position: list[dict], layer: list[dict], model: CodiModel) -> list[dict]:
+def iterative_checks(iterative: list[dict], position: list[dict], layer: list[dict], model: ThoughtModel) -> list[dict]:
     """7. Exp 2 sanity: iteration 0 ≡ Exp 1 (l, 0); activations move; no NaN; final vs others."""
     out = []
     exp1 = {(r["pair_id"], r["layer"]): r for r in position if r["thought"] == 0}
@@ -177,18 +185,18 @@ def baseline_from_counts(counts: dict[str, int], n_pairs: int) -> list[dict]:
 
 
 @torch.inference_mode()
-def baseline_checks(model: CodiModel, pairs_runs: list[PairRuns], max_new_tokens: int, stop_ids) -> list[dict]:
+def baseline_checks(model: ThoughtModel, pairs_runs: list[PairRuns], max_new_tokens: int | None, stop_ids) -> list[dict]:
     """8. Do the runs answer right, do they need their thoughts on these pairs, and do the
     two runs of a pair answer differently (else `flip` is true without any patch)?"""
     counts = {
-        "baseline_accuracy_clean": sum(M.same_answer(r.clean.answer.number, float(r.pair.clean.answer)) for r in pairs_runs),
-        "baseline_accuracy_corrupted": sum(M.same_answer(r.corrupted.answer.number, float(r.pair.corrupted.answer)) for r in pairs_runs),
-        "unpatched_answers_agree": sum(M.same_answer(r.clean.answer.number, r.corrupted.answer.number) for r in pairs_runs),
+        "baseline_accuracy_clean": sum(model.correct(r.clean.answer, r.pair.clean.answer) for r in pairs_runs),
+        "baseline_accuracy_corrupted": sum(model.correct(r.corrupted.answer, r.pair.corrupted.answer) for r in pairs_runs),
+        "unpatched_answers_agree": sum(r.clean.answer.same(r.corrupted.answer) for r in pairs_runs),
     }
-    zero = [Intervention.zero(Site(INPUT, k)) for k in range(model.num_thoughts)]
+    zero = [Intervention.zero(Site(INPUT, thought=k)) for k in range(model.num_thoughts)]
     ablated = 0
     for r in pairs_runs:
         for ids, gold in ((r.clean_ids, r.pair.clean.answer), (r.corrupted_ids, r.pair.corrupted.answer)):
             gens, _ = model.generate(model.think(model.encode(ids), zero, record_logits=False), max_new_tokens=max_new_tokens, stop_ids=stop_ids)
-            ablated += M.same_answer(gens[0].number, float(gold))
+            ablated += model.correct(gens[0], gold)
     return baseline_from_counts(counts | {"accuracy_thoughts_zeroed": ablated}, len(pairs_runs))

@@ -1,10 +1,11 @@
 """Run many patched variants of one receiving run.
 
-A `Variant` is a set of patches (site → vector). The batched engine computes the receiving
-run's prompt once, advances one unpatched prefix thought by thought, and lets the variants
-whose first patch is at thought k join the batch at k from a fork of that prefix (nothing
-before k can differ), so every variant of a pair finishes in one batched pass of K thoughts
-plus read-out. The reference engine runs each variant alone from scratch; the two must agree.
+A `Variant` is a set of patches (site → value, replaced or added) and attention knockouts.
+The batched engine computes the receiving run's prompt once, advances one unpatched prefix
+thought by thought, and lets the variants whose first change is at thought k join the batch
+at k from a fork of that prefix (nothing before k can differ), so every variant of a pair
+finishes in one batched pass of K thoughts plus read-out. The reference engine runs each
+variant alone from scratch; the two must agree.
 """
 
 from __future__ import annotations
@@ -14,45 +15,82 @@ from typing import Literal
 
 import torch
 
-from thoughtpatch.model.runtime import CodiModel, Generation, Intervention, LatentState, Site
+from thoughtpatch.model.runtime import INPUT, Block, Generation, Intervention, LatentState, Site, ThoughtModel
+
+Readers = Literal["answer", "thoughts", "both"]
 
 
 @dataclass(frozen=True)
 class Patch:
-    """Set `site` to `value` — or, with `from_variant=j`, to the activation that variant j
-    itself has at this site (j must change nothing at this site and start no later)."""
+    """Set `site` to `value` (mode replace) or add `value` to it (mode add) — or, with
+    `from_variant=j`, give it the activation variant j itself has at this site (j must change
+    nothing at this site and start no later)."""
 
     site: Site
-    value: torch.Tensor | None  # [H]
+    value: torch.Tensor | None  # the site's shape (e.g. [H]; head [head_dim]; kv [2, n_kv, head_dim])
     mode: Literal["replace", "add"] = "replace"
     from_variant: int | None = None
 
 
 @dataclass(frozen=True)
-class Variant:
-    patches: tuple[Patch, ...] = ()
+class Knockout:
+    """In block `layer`, the readers of thought `thought`'s key do not attend to it: the read-out
+    positions (<readout> on), the later thoughts, or both."""
+
+    layer: int
+    thought: int
+    readers: Readers = "answer"
 
     def start(self, num_thoughts: int) -> int:
-        """First thought this variant changes (K for the unpatched run)."""
-        return min((p.site.thought for p in self.patches), default=num_thoughts)
+        """The first thought it changes (K: only the read-out)."""
+        if self.readers != "answer" and self.thought + 1 < num_thoughts:
+            return self.thought + 1
+        return num_thoughts
+
+
+@dataclass(frozen=True)
+class Variant:
+    patches: tuple[Patch, ...] = ()
+    knockouts: tuple[Knockout, ...] = ()
+
+    def start(self, num_thoughts: int) -> int:
+        """First thought this variant changes (K for the unpatched run or a read-out-only change)."""
+        firsts = [p.site.thought for p in self.patches] + [ko.start(num_thoughts) for ko in self.knockouts]
+        return min(firsts, default=num_thoughts)
 
     def needs(self) -> set[int]:
         return {p.from_variant for p in self.patches if p.from_variant is not None}
 
 
+@dataclass(frozen=True, eq=False)
+class Prompt:
+    """A receiving run's prompt: token ids and, for causal tracing, noise added to their embeddings."""
+
+    ids: tuple[int, ...]
+    noise: torch.Tensor | None = None  # [T, H]
+
+    @staticmethod
+    def of(p: "Prompt | list[int] | tuple[int, ...]") -> "Prompt":
+        return p if isinstance(p, Prompt) else Prompt(tuple(p))
+
+    def encode(self, model: ThoughtModel, record: bool = False) -> LatentState:
+        return model.encode(list(self.ids), record=record, embed_noise=None if self.noise is None else self.noise[None])
+
+
 @dataclass(frozen=True)
 class Target:
-    """What to read out: two teacher-forced continuations after <eot> (clean and corrupted
-    answer, each ending in eos) and the decision position where they first differ."""
+    """What to read out: two teacher-forced continuations after <readout> (clean and corrupted
+    answer, each ending in eos) and the decision position where they first differ. A target of
+    one answer (causal tracing) has clean == corrupted and its decision at the answer's first token."""
 
     clean: tuple[int, ...]
     corrupted: tuple[int, ...]
     decision: int
-    max_new_tokens: int = 256
+    max_new_tokens: int | None = None  # None: the model's own limit
     stop_ids: tuple[int, ...] | None = None
 
     @staticmethod
-    def for_answers(model: CodiModel, clean_answer, corrupted_answer, **kw) -> "Target":
+    def for_answers(model: ThoughtModel, clean_answer, corrupted_answer, **kw) -> "Target":
         eos = model.eos_ids[0]
         c = (*model.answer_ids(clean_answer), eos)
         r = (*model.answer_ids(corrupted_answer), eos)
@@ -60,6 +98,19 @@ class Target:
         if d is None:
             raise ValueError(f"answers {clean_answer!r} and {corrupted_answer!r} tokenise identically")
         return Target(c, r, d, **kw)
+
+    @staticmethod
+    def for_answer(model: ThoughtModel, answer, **kw) -> "Target":
+        """One continuation; the decision position is its first token after the template."""
+        eos = model.eos_ids[0]
+        c = (*model.answer_ids(answer), eos)
+        bare = model.answer_ids("")
+        d = next((i for i, (a, b) in enumerate(zip(c, bare)) if a != b), min(len(bare), len(c) - 1))
+        return Target(c, c, d, **kw)
+
+    @property
+    def single(self) -> bool:
+        return self.clean == self.corrupted
 
 
 @dataclass
@@ -70,23 +121,30 @@ class Readout:
     logprob_clean: float  # Σ log P(clean continuation tokens from the decision position on)
     logprob_corrupted: float
     answer: Generation
-    resid: torch.Tensor  # [K,L,H] block outputs at each thought (after patches)
-    inputs: torch.Tensor  # [K,H] fed thought vectors
+    acts: dict[str, torch.Tensor]  # kind → [K, ...] activations at each thought (after patches)
+
+    @property
+    def resid(self) -> torch.Tensor:
+        return self.acts.get("resid", torch.zeros(0))  # [K,L,H]
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        return self.acts.get(INPUT, torch.zeros(0))  # [K,H]
 
 
-def read_out(model: CodiModel, st: LatentState, target: Target) -> list[Readout]:
+def read_out(model: ThoughtModel, st: LatentState, target: Target) -> list[Readout]:
     """Score both continuations, decode greedily, and split the batch into per-row readouts.
 
-    <eot> and the shared part of the two continuations are fed once; each continuation's
+    <readout> and the shared part of the two continuations are fed once; each continuation's
     tokens after the decision position are then fed on top (positions before the decision
     are identical in both, so their log-probs cancel and are not computed)."""
     d = target.decision
     try:
-        decision = model.teacher_force(st, [model.eot_id, *target.clean[:d]], keep=1)[:, 0]
+        decision = model.teacher_force(st, [model.readout_id, *target.clean[:d]], keep=1)[:, 0]
         # float64 so the sum adds no rounding of its own to a difference of similar numbers
         first = decision.double().log_softmax(-1)
         lps = []
-        for cont in (target.clean, target.corrupted):
+        for cont in (target.clean,) if target.single else (target.clean, target.corrupted):
             lp = first[:, cont[d]]
             tail = list(cont[d:-1])  # fed to predict cont[d+1:]
             if tail:
@@ -95,19 +153,21 @@ def read_out(model: CodiModel, st: LatentState, target: Target) -> list[Readout]
                 lp = lp + (logits.gather(-1, idx).squeeze(-1) - logits.logsumexp(-1)).sum(-1)
                 model.rewind(st, extra=1 + d)
             lps.append(lp)
+        if target.single:
+            lps.append(lps[0])
     finally:
         model.rewind(st)
-    # greedy decoding feeds <eot> alone again, as CODI does, so the answer is CODI's own
+    # greedy decoding feeds <readout> alone again, as the families' code does, so the answer is theirs
     gens, _ = model.generate(st, max_new_tokens=target.max_new_tokens, stop_ids=target.stop_ids)
-    resid, inputs = (st.latent_resid(), st.latent_inputs()) if st.step else (None, None)
+    kinds = [k for k in st.acts if k not in ("hidden", "logits")] if st.step else []
+    acts = {k: st.stacked(k) for k in kinds}
     return [
         Readout(
             decision_logits=decision[b],
             logprob_clean=float(lps[0][b]),
             logprob_corrupted=float(lps[1][b]),
             answer=gens[b],
-            resid=resid[b].float() if resid is not None else torch.zeros(0),
-            inputs=inputs[b].float() if inputs is not None else torch.zeros(0),
+            acts={k: a[b].float() for k, a in acts.items()},
         )
         for b in range(st.batch_size)
     ]
@@ -138,39 +198,57 @@ def interventions_at(variants: list[Variant], thought: int, row_of: dict[int, in
     return out
 
 
-def resolve(v: Variant, done: dict[int, "Readout"]) -> Variant:
+def blocks_at(variants: list[Variant], phase: int, num_thoughts: int, prompt_len: int) -> list[Block]:
+    """The knockouts in force at thought `phase` (`num_thoughts` = the read-out), one `Block`
+    per (layer, key position) covering every row that sets it."""
+    rows_of: dict[tuple[int, int], list[int]] = {}
+    for row, v in enumerate(variants):
+        for ko in v.knockouts:
+            reads = ko.readers in ("answer", "both") if phase == num_thoughts else ko.readers in ("thoughts", "both") and ko.thought < phase
+            if reads:
+                rows_of.setdefault((ko.layer, prompt_len + ko.thought), []).append(row)
+    return [Block(layer, pos, tuple(rows)) for (layer, pos), rows in rows_of.items()]
+
+
+def resolve(model: ThoughtModel, v: Variant, done: dict[int, Readout]) -> Variant:
     """Replace `from_variant` references by the values those variants produced."""
     if not v.needs():
         return v
     patches = []
     for p in v.patches:
         if p.from_variant is not None:
-            ro = done[p.from_variant]
-            val = ro.inputs[p.site.thought] if p.site.layer == "input" else ro.resid[p.site.thought, int(p.site.layer)]
-            p = Patch(p.site, val, p.mode)
+            p = Patch(p.site, model.site_value(done[p.from_variant].acts, p.site), p.mode)
         patches.append(p)
-    return Variant(tuple(patches))
+    return Variant(tuple(patches), v.knockouts)
+
+
+def _record_for(variants: list[Variant], record: tuple[str, ...]) -> tuple[str, ...]:
+    """What to record: what was asked, plus every kind a `from_variant` patch copies."""
+    extra = {p.site.kind for v in variants for p in v.patches if p.from_variant is not None}
+    return tuple(dict.fromkeys([*record, *sorted(extra)]))
 
 
 class ReferenceEngine:
     """One variant at a time, each from its own prompt pass: slow, obviously right."""
 
-    def __init__(self, model: CodiModel):
+    def __init__(self, model: ThoughtModel):
         self.model = model
 
-    def run(self, prompt_ids: list[int], variants: list[Variant], target: Target) -> list[Readout]:
-        m = self.model
+    def run(self, prompt, variants: list[Variant], target: Target, record: tuple[str, ...] = (INPUT, "resid")) -> list[Readout]:
+        m, prompt = self.model, Prompt.of(prompt)
+        rec = _record_for(variants, record)
         out: list[Readout] = []
         for v in variants:  # a variant only refers to earlier ones, so values are known here
-            v = resolve(v, dict(enumerate(out)))
-            st = m.think(m.encode(prompt_ids), _all_interventions(v), record_logits=False)
+            v = resolve(m, v, dict(enumerate(out)))
+            st = prompt.encode(m)
+            thoughts = sorted({p.site.thought for p in v.patches})
+            ivs = [iv for k in thoughts for iv in interventions_at([v], k)]
+            # a knockout of later-thought readers holds from the thought after it; one think per stretch
+            for k in range(m.num_thoughts):
+                st = m.think(st, ivs, until=k + 1, record_logits=False, record=rec, blocked=blocks_at([v], k, m.num_thoughts, st.prompt_len))
+            st.blocked = blocks_at([v], m.num_thoughts, m.num_thoughts, st.prompt_len)
             out.extend(read_out(m, st, target))
         return out
-
-
-def _all_interventions(v: Variant) -> list[Intervention]:
-    thoughts = sorted({p.site.thought for p in v.patches})
-    return [iv for k in thoughts for iv in interventions_at([v], k)]
 
 
 def _linked_groups(variants: list[Variant]) -> list[list[int]]:
@@ -207,10 +285,10 @@ def _distinct(variants: list[Variant]) -> tuple[list[Variant], list[int]]:
         key = tuple(
             (p.site, p.mode, p.from_variant, None if p.value is None else (p.value.data_ptr(), p.value.shape, p.value.stride(), p.value.dtype, p.value.device))
             for p in patches
-        )
+        ) + (v.knockouts,)
         if key not in seen:
             seen[key] = len(distinct)
-            distinct.append(Variant(patches))
+            distinct.append(Variant(patches, v.knockouts))
         index.append(seen[key])
     return distinct, index
 
@@ -222,21 +300,21 @@ def _is_oom(e: BaseException) -> bool:
 class BatchedEngine:
     """All variants of one receiving run in staggered batches sharing the prompt and prefix."""
 
-    def __init__(self, model: CodiModel, max_batch: int | None = None):
+    def __init__(self, model: ThoughtModel, max_batch: int | None = None):
         self.model = model
         self.max_batch = max_batch  # None = everything in one batch; halves on CUDA OOM
 
-    def run(self, prompt_ids: list[int], variants: list[Variant], target: Target) -> list[Readout]:
+    def run(self, prompt, variants: list[Variant], target: Target, record: tuple[str, ...] = (INPUT, "resid")) -> list[Readout]:
         distinct, index = _distinct(variants)
-        done = self._run_distinct(prompt_ids, distinct, target)
+        done = self._run_distinct(Prompt.of(prompt), distinct, target, _record_for(distinct, record))
         return [done[j] for j in index]
 
-    def _run_distinct(self, prompt_ids: list[int], variants: list[Variant], target: Target) -> list[Readout]:
+    def _run_distinct(self, prompt: Prompt, variants: list[Variant], target: Target, record: tuple[str, ...]) -> list[Readout]:
         if not variants:
             return []
         m = self.model
         k_total = m.num_thoughts
-        base = m.encode(prompt_ids)
+        base = prompt.encode(m)
         results: list[Readout | None] = [None] * len(variants)
         groups = _linked_groups(variants)  # variants that refer to each other share a batch
         pos = 0
@@ -248,7 +326,7 @@ class BatchedEngine:
                 pos += 1
             chunk.sort(key=lambda i: (variants[i].start(k_total), i))
             try:
-                outs = self._run_chunk(base, chunk, variants, target)
+                outs = self._run_chunk(base, chunk, variants, target, record)
             except RuntimeError as e:
                 if not _is_oom(e) or len(chunk) == 1:
                     raise
@@ -260,9 +338,9 @@ class BatchedEngine:
                 results[i] = r
         return results  # type: ignore[return-value]
 
-    def _run_chunk(self, base: LatentState, ids: list[int], all_variants: list[Variant], target: Target) -> list[Readout]:
+    def _run_chunk(self, base: LatentState, ids: list[int], all_variants: list[Variant], target: Target, record: tuple[str, ...]) -> list[Readout]:
         """`ids` sorted by start thought. Row 0 of the batch is the unpatched prefix; a variant
-        joins as a copy of row 0 when its first patch is due, so one forward per thought
+        joins as a copy of row 0 when its first change is due, so one forward per thought
         serves the prefix and every variant already running."""
         m = self.model
         k_total = m.num_thoughts
@@ -278,6 +356,10 @@ class BatchedEngine:
                 joined += n_new
             if k == k_total:
                 break
-            running = m.think(running, interventions_at(rows[:joined], k, row_of), until=k + 1, record_logits=False)
+            running = m.think(
+                running, interventions_at(rows[:joined], k, row_of), until=k + 1, record_logits=False, record=record,
+                blocked=blocks_at(rows[:joined], k, k_total, running.prompt_len),
+            )
+        running.blocked = blocks_at(rows, k_total, k_total, running.prompt_len)
         # the prefix row is read out too (one row of many) rather than copying the cache without it
         return read_out(m, running, target)[1:]

@@ -1,151 +1,294 @@
-"""The three experiments as variant sets over one engine (DESIGN §3).
+"""The experiments as variant sets over one engine (DESIGN §3, §8).
 
-* layer patching: for each layer, every thought at that layer from the source run;
-* Exp 1 (position): each single site (layer, thought);
-* Exp 2 (iterative): per layer, iteration 0 patches (l, 0) with the source activation; the
-  patched run's own activation at (l, 1) becomes a₁; iteration i patches only (l, i) with aᵢ
-  and records aᵢ₊₁. (Keeping earlier patches would make every iteration equal iteration 0.)
+* layer patching: for each location (block, or block × head), every thought from the source;
+* Exp 1 (position): each single site (location, thought);
+* Exp 2 (iterative): per location, iteration 0 patches thought 0 as Exp 1 does; the patched
+  run's own activation at thought 1 becomes a₁; iteration i patches only thought i with aᵢ
+  and records aᵢ₊₁ (keeping earlier patches would make every iteration equal iteration 0);
+* knockout: in block l, the readers of thought k's key are blocked; applied to an unpatched run
+  and measured against it;
+* trace (causal tracing): the receiving run is the same question with noise on its number
+  tokens' embeddings; every single site is restored from the clean run.
 
-Layers are block indices 0…L-1 or "input" (the fed thought vector, HF hidden_states[0]).
+A grid's rows are *locations* of one site kind: block indices (and "input", the fed thought
+vector, in the `resid` grid), or (block, head) pairs for `head`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from thoughtpatch.data.schema import Pair
-from thoughtpatch.model.runtime import INPUT, CodiModel, Layer, Site
+from thoughtpatch.model.runtime import INPUT, RECORDABLE, Site, ThoughtModel
 from thoughtpatch.patching import metrics as M
-from thoughtpatch.patching.engine import BatchedEngine, Patch, Readout, ReferenceEngine, Target, Variant, read_out
+from thoughtpatch.patching.engine import BatchedEngine, Knockout, Patch, Prompt, Readers, Readout, ReferenceEngine, Target, Variant, read_out
+from thoughtpatch.patching.modes import Mode, ModeContext
 
 Direction = Literal["denoising", "noising"]
 Engine = BatchedEngine | ReferenceEngine
+Layer = int | Literal["input"]
+Loc = int | Literal["input"] | tuple[int, int]
+EXPERIMENTS = ("layer", "position", "iterative", "knockout", "trace")
+PATCHING = ("layer", "position", "iterative")  # experiments that take values from a source run
+SITE_RECORD = tuple(k for k in RECORDABLE if k != "hidden")  # every site kind
 
 
 @dataclass
 class PairRuns:
-    """A pair's two unpatched runs, measured against the same target."""
+    """A pair's two unpatched runs, measured against the same target (for causal tracing the
+    corrupted run is the clean question with noised number embeddings)."""
 
     pair: Pair
     clean_ids: list[int]
-    corrupted_ids: list[int]
+    corrupted_prompt: Prompt
     target: Target
     clean: Readout
     corrupted: Readout
 
-    def roles(self, direction: Direction) -> tuple[list[int], Readout, Readout]:
+    @property
+    def corrupted_ids(self) -> list[int]:
+        return list(self.corrupted_prompt.ids)
+
+    def roles(self, direction: Direction) -> tuple[Prompt, Readout, Readout]:
         """(receiving prompt, receiving run, source run)."""
         if direction == "denoising":
-            return self.corrupted_ids, self.corrupted, self.clean
-        return self.clean_ids, self.clean, self.corrupted
+            return self.corrupted_prompt, self.corrupted, self.clean
+        return Prompt(tuple(self.clean_ids)), self.clean, self.corrupted
 
 
-def unpatched_run(model: CodiModel, ids: list[int], target: Target) -> Readout:
-    return read_out(model, model.think(model.encode(ids), record_logits=False), target)[0]
+def unpatched_run(model: ThoughtModel, prompt, target: Target) -> Readout:
+    """The plain loop, every site recorded (what the activation cache stores)."""
+    st = model.think(Prompt.of(prompt).encode(model), record_logits=False, record=RECORDABLE)
+    return read_out(model, st, target)[0]
 
 
-def pair_runs(model: CodiModel, pair: Pair, max_new_tokens: int = 256, stop_ids=None) -> PairRuns:
+def pair_runs(model: ThoughtModel, pair: Pair, max_new_tokens: int | None = None, stop_ids=None) -> PairRuns:
     target = Target.for_answers(model, pair.clean.answer, pair.corrupted.answer, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
     ci, ri = model.prompt_ids(pair.clean.question), model.prompt_ids(pair.corrupted.question)
-    return PairRuns(pair, ci, ri, target, unpatched_run(model, ci, target), unpatched_run(model, ri, target))
+    return PairRuns(pair, ci, Prompt(tuple(ri)), target, unpatched_run(model, ci, target), unpatched_run(model, ri, target))
 
 
-def activation(ro: Readout, layer: Layer, thought: int) -> torch.Tensor:
-    return ro.inputs[thought] if layer == INPUT else ro.resid[thought, int(layer)]
+# ---------------------------------------------------------------- causal tracing inputs
+
+TRACE_SIGMA = 3.0  # σ = 3 × the std of the embedding matrix (ROME)
 
 
-def _rows(runs: PairRuns, direction: Direction, keys: list[dict], readouts: list[Readout]) -> list[dict]:
-    _, receiving, source = runs.roles(direction)
-    # The unpatched runs' logprob differences travel with every row, so that aggregates
-    # (recovered as a ratio of means) can be recomputed from results.jsonl alone.
-    base = {"logprob_diff_receiving": M.logprob_diff(receiving), "logprob_diff_source": M.logprob_diff(source)}
-    return [
-        {"pair_id": runs.pair.pair_id, "direction": direction, **key, **M.readout_metrics(ro, receiving, source, runs.target), **base}
-        for key, ro in zip(keys, readouts)
-    ]
+def number_positions(model: ThoughtModel, ids: list[int]) -> list[int]:
+    """Positions of prompt tokens that spell a number (any digit in the token's text)."""
+    return [i for i, t in enumerate(ids) if t not in model.markers and any(c.isdigit() for c in model.tokenizer.decode([t]))]
 
 
-def _layer_variants(source: Readout, layers: list[Layer], thoughts: list[int], num_thoughts: int) -> tuple[list[Variant], list[dict]]:
-    variants = [Variant(tuple(Patch(Site(l, k), activation(source, l, k)) for k in thoughts)) for l in layers]
-    return variants, [{"experiment": "layer", "layer": l} for l in layers]
+def trace_noise(model: ThoughtModel, ids: list[int], question_id: int, tokens: str = "numbers", seed: int = 0, scale: float = TRACE_SIGMA) -> torch.Tensor:
+    """[T, H] Gaussian noise, σ = scale × std(embedding matrix), on the number tokens (or every
+    question token), seeded by (seed, question) so that runs, shards and resumes agree."""
+    from thoughtpatch.patching.modes import noise_for
+
+    emb = model.hf.get_input_embeddings().weight
+    sigma = scale * float(emb.float().std())
+    positions = number_positions(model, ids) if tokens == "numbers" else [i for i, t in enumerate(ids) if t not in model.markers]
+    eps = noise_for(seed, question_id, Site(INPUT, thought=0), (len(ids), model.hidden_size))
+    mask = torch.zeros(len(ids), 1)
+    mask[positions] = 1.0
+    return sigma * eps * mask
 
 
-def _position_variants(source: Readout, layers: list[Layer], thoughts: list[int], num_thoughts: int) -> tuple[list[Variant], list[dict]]:
-    sites = [(l, k) for k in thoughts for l in layers]
-    variants = [Variant((Patch(Site(l, k), activation(source, l, k)),)) for l, k in sites]
-    return variants, [{"experiment": "position", "layer": l, "thought": k} for l, k in sites]
+def trace_runs(model: ThoughtModel, pair: Pair, tokens: str = "numbers", seed: int = 0, scale: float = TRACE_SIGMA,
+               max_new_tokens: int | None = None, stop_ids=None) -> PairRuns:
+    """A causal-tracing unit from the pair's clean question: clean run and noised run."""
+    target = Target.for_answer(model, pair.clean.answer, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+    ids = model.prompt_ids(pair.clean.question)
+    noised = Prompt(tuple(ids), trace_noise(model, ids, pair.pair_id, tokens, seed, scale))
+    return PairRuns(pair, ids, noised, target, unpatched_run(model, ids, target), unpatched_run(model, noised, target))
 
 
-def _iterative_variants(source: Readout, layers: list[Layer], thoughts: list[int], num_thoughts: int) -> tuple[list[Variant], list[dict]]:
-    """Exp 2. Variant (l, i) patches only (l, i): with the source activation when i = 0, else
-    with what variant (l, i-1) itself produced at (l, i). The batched engine runs every chain
-    in one pass (each link reads its predecessor's activation in the same forward); the
+# ---------------------------------------------------------------- grids
+
+@dataclass(frozen=True)
+class Spec:
+    """What a run patches, shared by every pair."""
+
+    site: str = "resid"
+    layers: tuple[Layer, ...] = ()  # "input" (the resid grid's input row) and block indices
+    thoughts: tuple[int, ...] = ()
+    direction: Direction = "denoising"
+    mode: Mode = field(default_factory=Mode)
+    readers: Readers = "answer"  # knockout
+    knock_on: tuple[str, ...] = ("clean",)  # knockout: the unpatched runs it is applied to
+
+
+def all_layers(model: ThoughtModel) -> list[Layer]:
+    return [INPUT, *range(model.num_layers)]
+
+
+def locations(model: ThoughtModel, site: str, layers) -> list[Loc]:
+    """A grid's rows: the layers (the input row only in the resid grid), or (layer, head)."""
+    blocks = [l for l in layers if l != INPUT]
+    if site == "head":
+        return [(l, h) for l in blocks for h in range(model.num_heads)]
+    if site == "resid":
+        return list(layers)
+    return blocks
+
+
+def site_at(kind: str, loc: Loc, thought: int) -> Site:
+    if loc == INPUT:
+        return Site(INPUT, thought=thought)
+    if kind == "head":
+        layer, head = loc  # type: ignore[misc]
+        return Site("head", layer, thought, head)
+    return Site(kind, loc, thought)  # type: ignore[arg-type]
+
+
+def loc_columns(kind: str, loc: Loc) -> dict:
+    if kind == "head":
+        return {"site": kind, "layer": loc[0], "head": loc[1]}  # type: ignore[index]
+    return {"site": kind, "layer": loc}
+
+
+class _Values:
+    """Values for one pair under the run's mode, memoised per site so that a variant patching
+    the same site with the same value holds the same tensor (the engine runs such twins once)."""
+
+    def __init__(self, model: ThoughtModel, runs: PairRuns, spec: Spec, ctx: ModeContext | None, partner: PairRuns | None):
+        _, self.receiving, self.source = runs.roles(spec.direction)
+        self.partner = partner.roles(spec.direction)[1] if partner is not None else None
+        self.model, self.pid = model, runs.pair.pair_id
+        self.ctx = ctx or ModeContext(spec.mode)
+        self.memo: dict[Site, tuple[torch.Tensor, str]] = {}
+
+    def patch(self, site: Site) -> Patch:
+        if site not in self.memo:
+            partner = self.partner.acts if self.partner is not None else None
+            self.memo[site] = self.ctx.value(self.model, site, self.source.acts, self.receiving.acts, partner, self.pid)
+        value, mode = self.memo[site]
+        return Patch(site, value, mode)  # type: ignore[arg-type]
+
+
+def _layer_variants(vals: _Values, kind: str, locs: list[Loc], thoughts, k_total: int):
+    variants = [Variant(tuple(vals.patch(site_at(kind, loc, k)) for k in thoughts)) for loc in locs]
+    return variants, [{"experiment": "layer", **loc_columns(kind, loc)} for loc in locs]
+
+
+def _position_variants(vals: _Values, kind: str, locs: list[Loc], thoughts, k_total: int, name: str = "position"):
+    cells = [(loc, k) for k in thoughts for loc in locs]
+    variants = [Variant((vals.patch(site_at(kind, loc, k)),)) for loc, k in cells]
+    return variants, [{"experiment": name, **loc_columns(kind, loc), "thought": k} for loc, k in cells]
+
+
+def _iterative_variants(vals: _Values, kind: str, locs: list[Loc], thoughts, k_total: int):
+    """Exp 2. Variant (loc, i) patches only (loc, i): with the mode's value when i = 0, else
+    with what variant (loc, i-1) itself produced at (loc, i). The batched engine runs every
+    chain in one pass (each link reads its predecessor's activation in the same forward); the
     reference engine runs the links one after another. `from_variant` indices are local."""
     variants, keys = [], []
-    for i in range(num_thoughts):
-        for n, l in enumerate(layers):
-            if i == 0:
-                patch = Patch(Site(l, 0), activation(source, l, 0))
-            else:
-                patch = Patch(Site(l, i), None, from_variant=len(variants) - len(layers))
+    for i in range(k_total):
+        for loc in locs:
+            site = site_at(kind, loc, i)
+            patch = vals.patch(site) if i == 0 else Patch(site, None, from_variant=len(variants) - len(locs))
             variants.append(Variant((patch,)))
-            keys.append({"experiment": "iterative", "layer": l, "iteration": i})
+            keys.append({"experiment": "iterative", **loc_columns(kind, loc), "iteration": i})
     return variants, keys
 
 
 BUILDERS = {"layer": _layer_variants, "position": _position_variants, "iterative": _iterative_variants}
 
 
+def _shifted(vs: list[Variant], off: int) -> list[Variant]:
+    """`from_variant` indices of one experiment's list moved to its place in a joint list."""
+    return [Variant(tuple(Patch(p.site, p.value, p.mode, None if p.from_variant is None else p.from_variant + off) for p in v.patches), v.knockouts) for v in vs]
+
+
+def _base_columns(runs: PairRuns, spec: Spec, partner: PairRuns | None) -> dict:
+    cols = {"direction": spec.direction, **spec.mode.columns()}
+    if spec.mode.name == "resample" and partner is not None:
+        cols["resample_pair"] = partner.pair.pair_id
+    return cols
+
+
 def patch_pair(
     engine: Engine,
     runs: PairRuns,
     experiments: list[str],
-    layers: list[Layer],
-    thoughts: list[int],
-    num_thoughts: int,
-    direction: Direction = "denoising",
+    spec: Spec,
+    ctx: ModeContext | None = None,
+    partner: PairRuns | None = None,
 ) -> dict[str, list[dict]]:
-    """Every variant of the requested experiments for one pair, through one engine call (the
-    batched engine then needs a single pass of K thoughts and one read-out for all of them)."""
-    ids, _, source = runs.roles(direction)
-    variants: list[Variant] = []
-    spans: dict[str, tuple[int, list[dict]]] = {}
-    for exp in experiments:
-        vs, keys = BUILDERS[exp](source, layers, thoughts, num_thoughts)
-        off = len(variants)
-        # from_variant indices are local to each experiment's list: shift them
-        variants += [Variant(tuple(Patch(p.site, p.value, p.mode, None if p.from_variant is None else p.from_variant + off) for p in v.patches)) for v in vs]
-        spans[exp] = (off, keys)
-    readouts = engine.run(ids, variants, runs.target)
-    out = {}
-    for exp, (off, keys) in spans.items():
-        ros = readouts[off : off + len(keys)]
-        if exp == "iterative":
+    """Every variant of the requested experiments for one pair, one engine call per receiving
+    run (the batched engine then needs a single pass of K thoughts and one read-out for all of
+    them). `ctx` carries what non-replace modes need; `partner` is the resample partner."""
+    model = engine.model
+    k_total = model.num_thoughts
+    out: dict[str, list[dict]] = {}
+    calls: dict[tuple, tuple[Prompt, list[tuple[str, list[Variant], list[dict], Readout, Readout]]]] = {}
+
+    def add(prompt: Prompt, job) -> None:  # one engine call per receiving run
+        calls.setdefault((prompt.ids, id(prompt.noise)), (prompt, []))[1].append(job)
+
+    patching = [e for e in experiments if e in (*PATCHING, "trace")]
+    if patching:
+        prompt, receiving, source = runs.roles(spec.direction)
+        vals = _Values(model, runs, spec, ctx, partner)
+        locs = locations(model, spec.site, spec.layers)
+        base = _base_columns(runs, spec, partner)
+        for exp in patching:
+            if exp == "trace":
+                vs, keys = _position_variants(vals, spec.site, locs, spec.thoughts, k_total, name="trace")
+            else:
+                vs, keys = BUILDERS[exp](vals, spec.site, locs, spec.thoughts, k_total)
+            add(prompt, (exp, vs, [base | k for k in keys], receiving, source))
+    if "knockout" in experiments:
+        blocks = [l for l in spec.layers if l != INPUT]
+        for run in spec.knock_on:
+            prompt = Prompt(tuple(runs.clean_ids)) if run == "clean" else runs.corrupted_prompt
+            receiving = runs.clean if run == "clean" else runs.corrupted
+            cells = [(l, k) for k in spec.thoughts for l in blocks]
+            vs = [Variant(knockouts=(Knockout(l, k, spec.readers),)) for l, k in cells]
+            keys = [{"experiment": "knockout", "run": run, "readers": spec.readers, "layer": l, "thought": k} for l, k in cells]
+            add(prompt, ("knockout", vs, keys, receiving, receiving))
+    record = (INPUT, "resid") if spec.site in (INPUT, "resid") else (spec.site,)
+    for prompt, jobs in calls.values():
+        variants: list[Variant] = []
+        offsets = []
+        for _, vs, _, _, _ in jobs:
+            offsets.append(len(variants))
+            variants += _shifted(vs, len(variants))
+        readouts = engine.run(prompt, variants, runs.target, record=record)
+        for (exp, vs, keys, receiving, source), off in zip(jobs, offsets):
+            ros = readouts[off : off + len(vs)]
+            rows = []
             for key, ro in zip(keys, ros):
-                l, i = key["layer"], key["iteration"]
-                a = activation(ro, l, i)  # the activation this iteration patched in (a_i)
-                key |= {"norm": M.norm(a), "cos_clean": M.cos(a, activation(runs.clean, l, i)), "cos_corrupted": M.cos(a, activation(runs.corrupted, l, i))}
-        out[exp] = _rows(runs, direction, keys, ros)
+                if exp == "iterative":
+                    site = site_at(spec.site, key["layer"] if spec.site != "head" else (key["layer"], key["head"]), key["iteration"])
+                    a = model.site_value(ro.acts, site)  # the activation this iteration patched in (a_i)
+                    key = key | {
+                        "norm": M.norm(a),
+                        "cos_clean": M.cos(a, model.site_value(runs.clean.acts, site)),
+                        "cos_corrupted": M.cos(a, model.site_value(runs.corrupted.acts, site)),
+                    }
+                if exp == "knockout":
+                    metrics = M.knockout_metrics(ro, receiving)
+                elif exp == "trace":
+                    metrics = M.trace_metrics(ro, receiving, source)
+                else:
+                    metrics = M.readout_metrics(ro, receiving, source, runs.target)
+                rows.append({"pair_id": runs.pair.pair_id, **key, **metrics, **M.baseline_columns(exp, receiving, source)})
+            out.setdefault(exp, []).extend(rows)
     return out
 
 
-def layer_patching(engine: Engine, runs: PairRuns, layers: list[Layer], thoughts: list[int], direction: Direction = "denoising") -> list[dict]:
-    """Layer patching: for each layer, every thought in `thoughts` at once."""
-    return patch_pair(engine, runs, ["layer"], layers, thoughts, len(runs.clean.inputs), direction)["layer"]
+def layer_patching(engine: Engine, runs: PairRuns, layers, thoughts, direction: Direction = "denoising", site: str = "resid") -> list[dict]:
+    """Layer patching: for each location, every thought in `thoughts` at once."""
+    return patch_pair(engine, runs, ["layer"], Spec(site, tuple(layers), tuple(thoughts), direction))["layer"]
 
 
-def position_patching(engine: Engine, runs: PairRuns, layers: list[Layer], thoughts: list[int], direction: Direction = "denoising") -> list[dict]:
-    """Exp 1: each single site (layer, thought)."""
-    return patch_pair(engine, runs, ["position"], layers, thoughts, len(runs.clean.inputs), direction)["position"]
+def position_patching(engine: Engine, runs: PairRuns, layers, thoughts, direction: Direction = "denoising", site: str = "resid") -> list[dict]:
+    """Exp 1: each single site (location, thought)."""
+    return patch_pair(engine, runs, ["position"], Spec(site, tuple(layers), tuple(thoughts), direction))["position"]
 
 
-def iterative_patching(engine: Engine, runs: PairRuns, layers: list[Layer], num_thoughts: int, direction: Direction = "denoising") -> list[dict]:
-    """Exp 2: per layer, chained iterations (see `_iterative_variants`)."""
-    return patch_pair(engine, runs, ["iterative"], layers, [], num_thoughts, direction)["iterative"]
-
-
-def all_layers(model: CodiModel) -> list[Layer]:
-    return [INPUT, *range(model.num_layers)]
+def iterative_patching(engine: Engine, runs: PairRuns, layers, num_thoughts: int, direction: Direction = "denoising", site: str = "resid") -> list[dict]:
+    """Exp 2: per location, chained iterations (see `_iterative_variants`)."""
+    return patch_pair(engine, runs, ["iterative"], Spec(site, tuple(layers), tuple(range(num_thoughts)), direction))["iterative"]

@@ -48,12 +48,9 @@ def norm(a: torch.Tensor) -> float:
     return float(a.float().norm())
 
 
-def same_answer(a: float, b: float) -> bool:
-    return a == b  # CODI's accuracy rule: exact float equality of extracted numbers
-
-
 def readout_metrics(ro: Readout, receiving: Readout, source: Readout, target: Target) -> dict[str, float | bool]:
-    """Every per-variant metric of DESIGN §3 for one patched run."""
+    """Every per-variant metric of DESIGN §3 for one patched run. Answers compare by the
+    family's own rule (CODI: the number; Coconut: the text after the last '#')."""
     ald, cs, rs = answer_logit_diff(ro.decision_logits, target)
     m = logprob_diff(ro)
     return {
@@ -65,6 +62,44 @@ def readout_metrics(ro: Readout, receiving: Readout, source: Readout, target: Ta
         "logprob_diff": m,
         "recovered": recovered(m, logprob_diff(receiving), logprob_diff(source)),
         "answer": ro.answer.number,
-        "flip": same_answer(ro.answer.number, source.answer.number),
-        "away": not same_answer(ro.answer.number, receiving.answer.number),
+        "flip": ro.answer.same(source.answer),
+        "away": not ro.answer.same(receiving.answer),
     }
+
+
+def trace_metrics(ro: Readout, noised: Readout, clean: Readout) -> dict[str, float | bool]:
+    """Causal tracing, relative to the clean answer: `restored` = the share of log P(clean
+    answer) lost to the noise that the restored site brings back; `flip` = the answer is the
+    clean run's again."""
+    lp = ro.logprob_clean
+    return {
+        "kl": kl(ro.decision_logits, noised.decision_logits),
+        "kl_to_clean": kl(clean.decision_logits, ro.decision_logits),
+        "logprob_clean": lp,
+        "restored": recovered(lp, noised.logprob_clean, clean.logprob_clean),
+        "answer": ro.answer.number,
+        "flip": ro.answer.same(clean.answer),
+        "away": not ro.answer.same(noised.answer),
+    }
+
+
+def knockout_metrics(ro: Readout, unpatched: Readout) -> dict[str, float | bool]:
+    """An attention knockout against the run it was applied to (no source run)."""
+    m = logprob_diff(ro)
+    return {
+        "kl": kl(ro.decision_logits, unpatched.decision_logits),
+        "logprob_diff": m,
+        "delta_logprob_diff": m - logprob_diff(unpatched),
+        "answer": ro.answer.number,
+        "away": not ro.answer.same(unpatched.answer),
+    }
+
+
+def baseline_columns(experiment: str, receiving: Readout, source: Readout) -> dict[str, float]:
+    """The unpatched runs' values every row carries, so that ratios of means (`recovered`,
+    `restored`) can be recomputed from results.jsonl alone."""
+    if experiment == "trace":
+        return {"logprob_clean_receiving": receiving.logprob_clean, "logprob_clean_source": source.logprob_clean}
+    if experiment == "knockout":
+        return {"logprob_diff_receiving": logprob_diff(receiving)}
+    return {"logprob_diff_receiving": logprob_diff(receiving), "logprob_diff_source": logprob_diff(source)}

@@ -1,6 +1,7 @@
 """The clean (and corrupted) activation cache: each pair's unpatched run — activations at
-every site, the decision-position logits, the continuation log-probs and the greedy answer —
-stored with metadata that a later experiment checks before reusing it."""
+every site kind (input, resid, attn, mlp, head, kv), the decision-position logits, the
+continuation log-probs, the prompt and the greedy answer — stored with metadata that a later
+experiment checks before reusing it."""
 
 from __future__ import annotations
 
@@ -10,19 +11,21 @@ from pathlib import Path
 import torch
 
 from thoughtpatch.errors import ThoughtpatchError
-from thoughtpatch.model.runtime import CodiModel, Generation, extract_number
+from thoughtpatch.model.runtime import ThoughtModel
 from thoughtpatch.patching.engine import Readout
 
 CHECKED = ("model", "pairs_sha256", "num_thoughts", "num_layers", "hidden_size", "dtype", "max_new_tokens", "stop_ids", "role")
 
 
-def save_cache(path: Path, runs: dict[int, Readout], meta: dict) -> None:
+def save_cache(path: Path, runs: dict[int, tuple[list[int], Readout]], meta: dict) -> None:
+    """`runs`: pair id → (prompt ids, unpatched readout)."""
     from safetensors.torch import save_file
 
     tensors = {}
-    for pid, ro in runs.items():
-        tensors[f"p{pid}.resid"] = ro.resid.contiguous()
-        tensors[f"p{pid}.inputs"] = ro.inputs.contiguous()
+    for pid, (prompt, ro) in runs.items():
+        for kind, t in ro.acts.items():
+            tensors[f"p{pid}.act.{kind}"] = t.contiguous()
+        tensors[f"p{pid}.prompt_ids"] = torch.tensor(prompt, dtype=torch.long)
         tensors[f"p{pid}.decision_logits"] = ro.decision_logits.contiguous()
         tensors[f"p{pid}.logprobs"] = torch.tensor([ro.logprob_clean, ro.logprob_corrupted], dtype=torch.float64)
         tensors[f"p{pid}.answer_ids"] = torch.tensor(ro.answer.token_ids, dtype=torch.long)
@@ -43,23 +46,23 @@ def open_cache(path: Path):
         raise ThoughtpatchError(f"{path}: not a thoughtpatch activation cache ({type(e).__name__})") from None
 
 
-def load_cache(path: Path, model: CodiModel, expect: dict) -> dict[int, Readout]:
+def load_cache(path: Path, model: ThoughtModel, expect: dict) -> dict[int, Readout]:
     """Read a cache, refusing one made by another model, pair set or setting."""
     f, meta = open_cache(path)
     for key in CHECKED:
         if key in expect and meta.get(key) != expect[key]:
             raise ThoughtpatchError(f"{path}: made with {key} = {meta.get(key)!r}, this run has {expect[key]!r}; refusing to reuse it")
     out = {}
+    keys = set(f.keys())
     for pid in meta["pair_ids"]:
         ids = f.get_tensor(f"p{pid}.answer_ids").tolist()
-        text = model.tokenizer.decode(ids, skip_special_tokens=True)
         lp = f.get_tensor(f"p{pid}.logprobs").tolist()
+        prefix = f"p{pid}.act."
         out[pid] = Readout(
             decision_logits=f.get_tensor(f"p{pid}.decision_logits"),
             logprob_clean=lp[0],
             logprob_corrupted=lp[1],
-            answer=Generation(ids, text, extract_number(text)),
-            resid=f.get_tensor(f"p{pid}.resid"),
-            inputs=f.get_tensor(f"p{pid}.inputs"),
+            answer=model.generation(f.get_tensor(f"p{pid}.prompt_ids").tolist(), ids),
+            acts={k[len(prefix):]: f.get_tensor(k) for k in sorted(keys) if k.startswith(prefix)},
         )
     return out

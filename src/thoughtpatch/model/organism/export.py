@@ -15,9 +15,9 @@ from thoughtpatch.data.schema import atomic_write_text, save_pairs
 from thoughtpatch.model.checkpoint import save_codi_checkpoint
 from thoughtpatch.model.organism.tokenizer import ANSWER_TEMPLATE, save_tokenizer
 
-CONDITIONS = ("with_thoughts", "thoughts_zeroed", "thoughts_mean", "no_thoughts", "cot")
+CONDITIONS = ("with_thoughts", "thoughts_zeroed", "thoughts_mean", "thoughts_resample", "no_thoughts", "cot")
 LABELS = {"with_thoughts": "with thoughts", "thoughts_zeroed": "thoughts zeroed", "thoughts_mean": "thoughts → mean",
-          "no_thoughts": "no thoughts (K = 0)", "cot": "explicit CoT (teacher)"}
+          "thoughts_resample": "thoughts → another question's", "no_thoughts": "no thoughts (K = 0)", "cot": "explicit CoT (teacher)"}
 
 
 def accuracy_markdown(acc: dict) -> str:
