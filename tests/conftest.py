@@ -1,4 +1,4 @@
-"""Shared test helpers: where ../shared is, and tiny CODI models built in the tests."""
+"""Shared test helpers: where the repository and its fixtures are."""
 
 from __future__ import annotations
 
@@ -9,18 +9,6 @@ import os
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-
-
-def require_shared(rel: str) -> Path:
-    """A fixture file under ../shared: missing fails in CI, skips elsewhere with the reason."""
-    p = SHARED / rel
-    if not p.exists():
-        msg = f"fixture {p} is missing"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg + " (required in CI)")
-        pytest.skip(msg)
-    return p
+# Golden references and real-data samples, derived by tests/fixtures/make_fixtures.py.
+FIXTURES = REPO / "tests" / "fixtures"

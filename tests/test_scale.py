@@ -135,23 +135,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_accelerate_two_cpu_processes(tiny, whole, tmp_path):
+# The launched workers and the run they are compared with must run under the same thread
+# settings: torch's CPU kernels split their sums by thread, so one thread and torch's default
+# (one per core) add in another order and differ in the last bits. `whole` runs in this
+# process with the default threads; the comparison for the launched workers is made in its
+# own process with one thread, as each worker has.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+
+
+def _run_args(tiny, out: Path) -> list[str]:
+    ckpt, base, pairs = tiny
+    return ["-m", "thoughtpatch", "run", "--model", str(ckpt), "--base", str(base), "--pairs", str(pairs), "--out", str(out), "--wandb", "disabled", "--max-new-tokens", "6"]
+
+
+@pytest.fixture(scope="module")
+def whole_one_thread(tiny, tmp_path_factory):
+    """The unsharded run, in a process of its own with one thread."""
+    out = tmp_path_factory.mktemp("whole1") / "run"
+    r = subprocess.run([sys.executable, *_run_args(tiny, out), "--no-report"], capture_output=True, text=True, env=os.environ | ONE_THREAD, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_accelerate_two_cpu_processes(tiny, whole_one_thread, tmp_path):
     """`accelerate launch` with two CPU processes: each runs a shard, rank 0 merges.
     (accelerate's `--cpu` flag starts one process unless mpirun is used; `--multi_gpu` with
     ACCELERATE_USE_CPU=1 starts two torch.distributed workers that talk over gloo.)"""
-    ckpt, base, pairs = tiny
     out = tmp_path / "acc"
-    env = os.environ | {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "WANDB_MODE": "disabled"}
+    env = os.environ | ONE_THREAD | {"ACCELERATE_USE_CPU": "1"}
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        "-m", "thoughtpatch", "run", "--model", str(ckpt), "--base", str(base), "--pairs", str(pairs), "--out", str(out),
-        "--wandb", "disabled", "--max-new-tokens", "6",
+        *_run_args(tiny, out),
     ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "shard-0-of-2" / "manifest.json").is_file() and (out / "shard-1-of-2" / "manifest.json").is_file()
-    assert_same_run(out, whole)
+    assert_same_run(out, whole_one_thread)
     m = json.loads((out / "manifest.json").read_text())
     assert [s["n"] for s in m["merged_from"]] == [3, 2]
     assert (out / "reports").is_dir() and (out / "DATA_INVENTORY.md").is_file()  # rank 0 reports the merged run

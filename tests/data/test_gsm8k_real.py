@@ -1,23 +1,22 @@
-"""`from-gsm8k` on the real GSM8K train split: yield, zero same-answer pairs, and a sample
-of accepted pairs whose corrupted answers were worked out by hand from the question."""
+"""`from-gsm8k` on real GSM8K train rows (tests/fixtures/gsm8k: every 50th row of the train
+split plus the rows checked here): yield, zero same-answer pairs, and a sample of accepted
+pairs whose corrupted answers were worked out by hand from the question."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import time
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import FIXTURES
 from thoughtpatch.data import gsm8k as g
 from thoughtpatch.data.gsm8k import GsmResult, pairs_from_gsm8k
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-TRAIN = SHARED / "data" / "gsm8k" / "train.jsonl"
+SAMPLE = FIXTURES / "gsm8k" / "train_sample.jsonl"
+EVERY = 50  # the sample's stride over the train split (make_fixtures.GSM8K_EVERY)
 
-# (source index, changed number old -> new, corrupted answer worked out by hand).
+# (index in GSM8K train, changed number old -> new, corrupted answer worked out by hand).
 HAND_CHECKED = [
     (318, "60", "61", 221),  # keeps 61, gave Rebecca 40 and Mara 120: 61+160
     (413, "40", "41", 8),  # 41 balls - 11 blue - 22 red
@@ -88,26 +87,32 @@ HAND_REJECTED = [
 
 
 @pytest.fixture(scope="module")
-def run() -> tuple[GsmResult, float]:
-    if not TRAIN.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{TRAIN} is missing (required when CI=true)")
-        pytest.skip(f"{TRAIN} not found: the shared data directory is a sibling of the repository")
-    t0 = time.perf_counter()
-    result = pairs_from_gsm8k(TRAIN)
-    return result, time.perf_counter() - t0
+def rows() -> list[dict]:
+    return [json.loads(line) for line in SAMPLE.read_text().splitlines()]
 
 
-def test_yield_and_speed(run: tuple[GsmResult, float]) -> None:
-    result, seconds = run
-    assert result.problems == 7473
-    assert result.yield_fraction >= 0.45, result.summary()
-    assert seconds < 30, seconds
+@pytest.fixture(scope="module")
+def result(rows: list[dict]) -> GsmResult:
+    """Pairs from the sample, their source indexes mapped back to lines of the full train file."""
+    out = pairs_from_gsm8k(SAMPLE)
+    for p in out.pairs:
+        p.meta["source_index"] = rows[p.meta["source_index"]]["index"]
+    for r in out.rejections:
+        r["source_index"] = rows[r["source_index"]]["index"]
+    return out
+
+
+def test_yield_and_one_pair_per_problem(result: GsmResult, rows: list[dict]) -> None:
+    assert result.problems == len(rows)
     assert len(result.pairs) == result.problems_with_pairs  # one pair per problem by default
+    # Yield on the rows at every EVERY-th line, an unbiased sample (the hand-checked rows are not).
+    strided = {r["index"] for r in rows if r["index"] % EVERY == 0}
+    assert len(strided) == 150  # 7473 rows in GSM8K train
+    accepted = {p.meta["source_index"] for p in result.pairs} & strided
+    assert len(accepted) / len(strided) >= 0.45, len(accepted)
 
 
-def test_no_same_answer_and_integer_answers(run: tuple[GsmResult, float]) -> None:
-    result, _ = run
+def test_no_same_answer_and_integer_answers(result: GsmResult) -> None:
     for p in result.pairs:
         assert p.clean.answer != p.corrupted.answer
         assert isinstance(p.clean.answer, int) and isinstance(p.corrupted.answer, int)
@@ -117,12 +122,11 @@ def test_no_same_answer_and_integer_answers(run: tuple[GsmResult, float]) -> Non
     assert indexes == sorted(indexes)
 
 
-def test_meta_records_the_change(run: tuple[GsmResult, float]) -> None:
-    result, _ = run
-    rows = TRAIN.read_text().splitlines()
-    for p in result.pairs[:300]:
+def test_meta_records_the_change(result: GsmResult, rows: list[dict]) -> None:
+    by_index = {r["index"]: r for r in rows}
+    for p in result.pairs:
         m = p.meta
-        row = json.loads(rows[m["source_index"]])
+        row = by_index[m["source_index"]]
         assert row["question"] == p.clean.question
         c = m["changed_number"]
         q, cq = p.clean.question, p.corrupted.question
@@ -137,8 +141,7 @@ def test_meta_records_the_change(run: tuple[GsmResult, float]) -> None:
 
 
 @pytest.mark.parametrize(("index", "old", "new", "answer"), HAND_CHECKED)
-def test_hand_checked(run: tuple[GsmResult, float], index: int, old: str, new: str, answer: int) -> None:
-    result, _ = run
+def test_hand_checked(result: GsmResult, index: int, old: str, new: str, answer: int) -> None:
     by_index = {p.meta["source_index"]: p for p in result.pairs}
     p = by_index[index]
     assert (p.meta["changed_number"]["old"], p.meta["changed_number"]["new"]) == (old, new)
@@ -146,8 +149,7 @@ def test_hand_checked(run: tuple[GsmResult, float], index: int, old: str, new: s
 
 
 @pytest.mark.parametrize(("index", "number", "reason"), HAND_REJECTED)
-def test_hand_rejected(run: tuple[GsmResult, float], index: int, number: str, reason: str) -> None:
-    result, _ = run
+def test_hand_rejected(result: GsmResult, index: int, number: str, reason: str) -> None:
     got = [r["reason"] for r in result.rejections if r["source_index"] == index and r.get("number") == number]
     assert got == [reason]
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import require_shared
+from tests.conftest import FIXTURES
 
 
 def _run(*args):
@@ -17,7 +17,7 @@ def _run(*args):
 
 @pytest.fixture(scope="module")
 def ref():
-    root = require_shared("codi_reference")
+    root = FIXTURES / "codi"
     return root, json.loads((root / "manifest.json").read_text())
 
 
