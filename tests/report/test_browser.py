@@ -4,7 +4,8 @@ request leaving the run directory, every plot draws SVG; hovering a heatmap cell
 interval and n; moving the slider shows another pair on the same colour scale.
 
 Needs /usr/bin/chromium (Debian package `chromium`; `.ci/run` installs it) or $CHROMIUM. In
-CI (CI=true) a missing browser fails the test; elsewhere it skips, saying why."""
+CI (CI=true, or THOUGHTPATCH_REQUIRE_BROWSER=1 as .ci/run sets) a missing browser fails the
+test; elsewhere it skips, saying why."""
 
 from __future__ import annotations
 
@@ -24,12 +25,12 @@ DRAWN = "svg.main-svg .heatmaplayer image, svg.main-svg .scatterlayer .trace pat
 
 def _require(ok: bool, why: str) -> None:
     if not ok:
-        if os.environ.get("CI", "").lower() == "true":
+        if os.environ.get("CI", "").lower() == "true" or os.environ.get("THOUGHTPATCH_REQUIRE_BROWSER") == "1":
             pytest.fail(why + " (required in CI: .ci/run installs Debian's chromium)")
         pytest.skip(why)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session, as run_dir: so it is set up (or skipped) first, by argument order
 def browser(tmp_path_factory):
     _require(CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK), f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)")
     try:

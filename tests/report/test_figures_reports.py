@@ -106,9 +106,10 @@ def test_per_pair_sheets_readable_at_report_width(run_dir, tmp_path):
     """13 pairs: two sheets a metric (12 + 1), each titled ≥ 10 px when shown 900 px wide."""
     from matplotlib.image import imread
 
-    from thoughtpatch.report.figures import DPI, PAIR_TITLE_PT, PAIRS_PER_PAGE, PER_PAIR
-    from thoughtpatch.report.markdown import write_reports
+    from thoughtpatch.report.figures import DPI, PAIR_TITLE_PT, PAIRS_PER_PAGE, PER_PAIR, position_per_pair
+    from thoughtpatch.report.markdown import report
     from thoughtpatch.report.results import read_rows, write_summary
+    from thoughtpatch.report.rundata import load_run
 
     copy = tmp_path / "many"
     copy.mkdir()
@@ -124,8 +125,9 @@ def test_per_pair_sheets_readable_at_report_width(run_dir, tmp_path):
         (copy / exp).mkdir()
         (copy / exp / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in new))
         write_summary(copy / exp / "summary.json", read_rows(copy / exp / "results.jsonl"), exp)
-    write_reports(copy)
-    report = (copy / "reports" / "position_patching.md").read_text()
+    data = load_run(copy)
+    paths = position_per_pair(data, copy / "figures")
+    text = report(data, "position", {"position": paths})
     for metric in PER_PAIR:
         sheets = sorted((copy / "figures").glob(f"position_per_pair_{metric}_*.png"))
         assert [p.name for p in sheets] == [f"position_per_pair_{metric}_{i}.png" for i in (1, 2)]
@@ -133,7 +135,7 @@ def test_per_pair_sheets_readable_at_report_width(run_dir, tmp_path):
         for sheet in sheets:
             width = imread(sheet).shape[1]
             assert PAIR_TITLE_PT * DPI / 72 * 900 / width >= 10, (sheet.name, width)
-            assert f"](../figures/{sheet.name})" in report
+            assert f"](../figures/{sheet.name})" in text and sheet in paths
 
 
 def test_journal_and_inventory(run_dir):
