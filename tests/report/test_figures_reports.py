@@ -10,28 +10,11 @@ import re
 import shutil
 from pathlib import Path
 
-import pytest
-
-from tests.tiny import make_tiny_codi
 from thoughtpatch.report.rundata import MAIN_METRICS
 from thoughtpatch.report.markdown import INVENTORY, JOURNAL, REPORT_FILES, SECTIONS, update_journal
-from thoughtpatch.run import RunConfig, run_experiments
 
-Q = "tom has {} apples and he buys 5 more . how many apples has tom ?"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RESULT_FILES = ("manifest.json", "pairs.json", "checks.json", "*/results.jsonl", "*/summary.json")
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny")
-    ckpt, base = make_tiny_codi(root, "llama")
-    pairs = [{"pair_id": i, "clean": {"question": Q.format(2 + i), "answer": 7 + i}, "corrupted": {"question": Q.format(30 + i), "answer": 35 + i}} for i in range(3)]
-    (root / "pairs.json").write_text(json.dumps(pairs))
-    out = root / "runs" / "tiny-run"
-    cfg = RunConfig(model=str(ckpt), base=str(base), pairs=str(root / "pairs.json"), out=str(out), wandb="disabled", max_new_tokens=6)
-    run_experiments(cfg, progress=False, log=lambda s: None)
-    return out
 
 
 def _outputs(d: Path) -> dict[str, bytes]:
@@ -64,13 +47,95 @@ def test_reports_have_every_section_and_valid_images(run_dir):
         assert "Baseline" in text and "never move" in text
 
 
-def test_html_pages_work_offline(run_dir):
+def test_html_pages_share_one_plotly_and_stay_small(run_dir):
+    from plotly.offline import get_plotlyjs
+
+    from tests.report.pages import plotly_figures
+
+    figures = run_dir / "figures"
+    assert (figures / "plotly.min.js").read_text(encoding="utf-8") == get_plotlyjs()
     for exp in ("position", "iterative", "layer"):
-        page = run_dir / "figures" / f"{exp}.html"
+        page = figures / f"{exp}.html"
         text = page.read_text()
-        assert page.stat().st_size > 1_000_000  # plotly.js inlined
+        assert page.stat().st_size < 1_000_000  # plotly is not inlined
         assert "Plotly.newPlot" in text
-        assert not re.search(r"<script[^>]+src=", text), "the page must not load scripts from elsewhere"
+        # the only script loaded is the copy beside the page, by a relative path (offline)
+        assert re.findall(r"<script[^>]+src=['\"]([^'\"]+)", text) == ["plotly.min.js"]
+        for fig in plotly_figures(page):
+            meta = fig["layout"]["meta"]
+            if meta["metric"].startswith("kl") and exp != "position":  # KL line plots: a linear/log switch
+                labels = [b["label"] for menu in fig["layout"]["updatemenus"] for b in menu["buttons"]]
+                assert {"linear", "log"} <= set(labels), fig["id"]
+
+
+def test_position_page_one_colour_scale_and_pair_hovers(run_dir, tmp_path):
+    from tests.report.pages import plotly_figures
+    from thoughtpatch.report.figures import position_html
+    from thoughtpatch.report.rundata import load_run
+
+    data = load_run(run_dir)
+    rows = data.rows["position"]
+    for r in rows[:: max(1, len(rows) // 4)]:  # the tiny model flips nothing itself: mark a few cells
+        r["flip"] = True
+    (page,) = position_html(data, tmp_path)
+    pairs = data.pairs
+    for fig in plotly_figures(page):
+        heat = [t for t in fig["data"] if t["type"] == "heatmap"]
+        assert len(heat) == 1 + len(pairs)
+        assert all(t["coloraxis"] == "coloraxis" for t in heat)  # one colour scale for the mean and every pair
+        ca = fig["layout"]["coloraxis"]
+        vals = [v for t in heat[1:] for row in t["z"] for v in row if v is not None]
+        if fig["layout"]["meta"]["metric"] != "recovered":  # per-pair ratios may saturate
+            assert ca["cmin"] <= min(vals) and max(vals) <= ca["cmax"]
+        assert "n = %{customdata[1]}" in heat[0]["hovertemplate"] and "95 % CI" in heat[0]["hovertemplate"]
+        for t, p in zip(heat[1:], pairs):
+            assert p["clean"]["question"] in t["hovertemplate"] and f"(answer {p['corrupted']['answer']})" in t["hovertemplate"]
+            marked = sum(cell.endswith("●") for row in t["text"] for cell in row)  # flips marked as in the PNG
+            assert marked == sum(bool(r["flip"]) for r in rows if r["pair_id"] == p["pair_id"]) > 0
+
+
+def test_log_axis_rule():
+    from thoughtpatch.report.figures import cell_text, log_wanted
+
+    assert log_wanted("kl", [1.0, 1e-3, 1e-8]) and not log_wanted("kl", [1.0, 0.5, 0.02])
+    assert not log_wanted("logprob_diff", [1.0, 1e-8]) and not log_wanted("kl", [0.0, 1.0])
+    assert cell_text(5.53e-6) == "5.5e-6" and cell_text(0.1234) == "0.123" and cell_text(float("nan")) == ""
+
+
+def test_per_pair_sheets_readable_at_report_width(run_dir, tmp_path):
+    """13 pairs: two sheets a metric (12 + 1), each titled ≥ 10 px when shown 900 px wide."""
+    from matplotlib.image import imread
+
+    from thoughtpatch.report.figures import DPI, PAIR_TITLE_PT, PAIRS_PER_PAGE, PER_PAIR, position_per_pair
+    from thoughtpatch.report.markdown import report
+    from thoughtpatch.report.results import read_rows, write_summary
+    from thoughtpatch.report.rundata import load_run
+
+    copy = tmp_path / "many"
+    copy.mkdir()
+    for name in ("manifest.json", "checks.json"):
+        shutil.copy2(run_dir / name, copy / name)
+    pairs = json.loads((run_dir / "pairs.json").read_text())
+    many = [p | {"pair_id": i} for i, p in zip(range(13), pairs * 5)]
+    (copy / "pairs.json").write_text(json.dumps(many))
+    for exp in ("layer", "position", "iterative"):
+        rows = read_rows(run_dir / exp / "results.jsonl")
+        by_pair = {p["pair_id"]: [r for r in rows if r["pair_id"] == p["pair_id"]] for p in pairs}
+        new = [r | {"pair_id": q["pair_id"]} for q, p in zip(many, pairs * 5) for r in by_pair[p["pair_id"]]]
+        (copy / exp).mkdir()
+        (copy / exp / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in new))
+        write_summary(copy / exp / "summary.json", read_rows(copy / exp / "results.jsonl"), exp)
+    data = load_run(copy)
+    paths = position_per_pair(data, copy / "figures")
+    text = report(data, "position", {"position": paths})
+    for metric in PER_PAIR:
+        sheets = sorted((copy / "figures").glob(f"position_per_pair_{metric}_*.png"))
+        assert [p.name for p in sheets] == [f"position_per_pair_{metric}_{i}.png" for i in (1, 2)]
+        assert PAIRS_PER_PAGE <= 12
+        for sheet in sheets:
+            width = imread(sheet).shape[1]
+            assert PAIR_TITLE_PT * DPI / 72 * 900 / width >= 10, (sheet.name, width)
+            assert f"](../figures/{sheet.name})" in text and sheet in paths
 
 
 def test_journal_and_inventory(run_dir):

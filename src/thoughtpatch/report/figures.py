@@ -1,9 +1,11 @@
 """Figures of a run: matplotlib PNGs (paper quality, byte-reproducible) and one offline
-interactive plotly page per experiment.
+interactive plotly page per experiment, the pages sharing one `plotly.min.js` beside them.
 
 Every function takes a `RunData` (JSON read back from the run directory) and the figures
 directory, and returns the paths it wrote. PNGs are saved without the Software tag and with
-fixed settings, so rebuilding from the same results gives the same bytes.
+fixed settings, so rebuilding from the same results gives the same bytes. Every interval
+drawn is the one in summary.json (inside its metric's range; intervals.py) and names its
+method.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import numpy as np
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from thoughtpatch.data.schema import atomic_write_text
+from thoughtpatch.report.intervals import SHORT_METHODS, metric_range
 from thoughtpatch.report.rundata import ACTIVATION_METRICS, LABELS, MAIN_METRICS, SHORT, SIGNED, RunData, layer_key
 
 DPI = 200
@@ -87,13 +91,32 @@ def _text_color(rgba) -> str:
 
 
 def _grid(data: RunData, metric: str, what: str = "mean") -> np.ndarray:
-    cells = data.cells("position")
+    """Exp 1 layer × thought grid of one summary number (NaN where a cell is missing)."""
     M = np.full((len(data.layers), len(data.thoughts)), np.nan)
     for i, l in enumerate(data.layers):
         for j, k in enumerate(data.thoughts):
-            if (l, k) in cells:
-                M[i, j] = data.stat("position", (l, k), metric, what)
+            M[i, j] = data.stat("position", data.key("position", layer=l, thought=k), metric, what)
     return M
+
+
+def ci_name(data: RunData, exp: str, metric: str) -> str:
+    """"95 % CI: Wilson" — the interval and its method, for legends, titles and hovers."""
+    m = data.ci_method(exp, metric)
+    return f"95 % CI: {SHORT_METHODS.get(m, m)}" if m else "no interval"
+
+
+def log_wanted(metric: str, values) -> bool:
+    """KL-type metrics go on a log axis when their positive means span more than two decades
+    (Exp 2's chain decays from ~1 to ~1e-8: on a linear axis every later iteration sits on 0)."""
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v) & (v > 0)]
+    return metric.startswith("kl") and v.size > 1 and v.max() / v.min() > 100
+
+
+def _log_axis(ax, values) -> None:
+    v = np.asarray(values, float)
+    ax.set_yscale("log", nonpositive="clip")
+    ax.set_ylim(bottom=v[np.isfinite(v) & (v > 0)].min() / 3)  # interval ends at 0 run off the bottom
 
 
 def _draw_heatmap(fig: Figure, ax, M: np.ndarray, metric: str, layers: list, thoughts: list, annotate: bool, fontsize: float = 7.5, colorbar: bool = True, norm_cmap=None, scale: int | None = None):
@@ -130,10 +153,9 @@ def _subtitle(data: RunData, exp: str) -> str:
     return f"{data.model_name} · {data.direction} · mean over n = {n} pair{'s' if n != 1 else ''}"
 
 
-def _series(data: RunData, exp: str, keys: list[tuple], metric: str) -> tuple[np.ndarray, np.ndarray]:
-    m = np.array([data.stat(exp, k, metric, "mean") for k in keys])
-    ci = np.array([data.stat(exp, k, metric, "ci95") for k in keys])
-    return m, ci
+def _series(data: RunData, exp: str, keys: list[tuple], metric: str, what=("mean", "ci_low", "ci_high")) -> tuple[np.ndarray, ...]:
+    """Means and interval ends (or other summary numbers) of a metric along cells."""
+    return tuple(np.array([data.stat(exp, k, metric, w) for k in keys]) for w in what)
 
 
 def _layer_colors(layers: list) -> list:
@@ -142,12 +164,12 @@ def _layer_colors(layers: list) -> list:
     return [cmap(0.88 * i / n) for i in range(len(layers))]
 
 
-def _band(ax, x, m, ci, color, label=None, marker="o", ls="-", alpha=0.15):
+def _band(ax, x, m, lo, hi, color, label=None, marker="o", ls="-", alpha=0.15):
     ax.plot(x, m, marker=marker, ms=3.5, lw=1.4, color=color, label=label, ls=ls, zorder=3)
-    if np.isfinite(ci).any():
-        ax.fill_between(x, m - ci, m + ci, color=color, alpha=alpha, lw=0)
-        ax.plot(x, m - ci, color=color, lw=0.4, alpha=0.5, ls=ls)
-        ax.plot(x, m + ci, color=color, lw=0.4, alpha=0.5, ls=ls)
+    if np.isfinite(lo).any():
+        ax.fill_between(x, lo, hi, color=color, alpha=alpha, lw=0)
+        ax.plot(x, lo, color=color, lw=0.4, alpha=0.5, ls=ls)
+        ax.plot(x, hi, color=color, lw=0.4, alpha=0.5, ls=ls)
 
 
 def _ref_lines(ax, data: RunData, exp: str, key: tuple, metric: str) -> None:
@@ -220,61 +242,76 @@ PER_PAIR = {
 PER_PAIR_SHORT = {"kl": "KL", "delta_logprob_diff": "Δ log-prob diff"}
 
 
-def position_per_pair(data: RunData, out: Path) -> list[Path]:
-    """Small multiples: one heatmap per pair, one shared colour scale per sheet; dots mark
-    cells where the greedy answer flipped to the source run's answer."""
-    paths = []
+PAIRS_PER_PAGE, PAGE_COLS = 12, 4
+# Per-pair sheets are 9 in wide (1,800 px): shown at 900 px in a report, a 9 pt title is
+# 9 · 200/72 · 900/1800 ≈ 12.5 px high.
+PAGE_WIDTH_IN, PAIR_TITLE_PT = 9.0, 9
+
+
+def pair_grids(data: RunData, metric: str) -> tuple[list[int], dict[int, np.ndarray], dict[int, np.ndarray], dict[int, list]]:
+    """Exp 1 per pair: value grid, flip grid and patched answers (layer × thought) of each pair."""
     by_pair = data.pair_rows("position")
     pids = [p for p in data.pair_ids if p in by_pair] or sorted(by_pair)
-    n = len(pids)
-    ncols = max(1, min(n, math.ceil(math.sqrt(n * 1.3))))
-    nrows = math.ceil(n / ncols)
-    L, K = len(data.layers), len(data.thoughts)
     li = {l: i for i, l in enumerate(data.layers)}
     ki = {k: j for j, k in enumerate(data.thoughts)}
+    get = _pair_value(metric)
+    grids, flips, answers = {}, {}, {}
+    for pid in pids:
+        G = np.full((len(li), len(ki)), np.nan)
+        F = np.zeros((len(li), len(ki)), bool)
+        A = [["" for _ in ki] for _ in li]
+        for r in by_pair[pid]:
+            if r["layer"] in li and r["thought"] in ki:
+                i, j = li[r["layer"]], ki[r["thought"]]
+                G[i, j], F[i, j], A[i][j] = get(r), bool(r.get("flip")), r.get("answer")
+        grids[pid], flips[pid], answers[pid] = G, F, A
+    return pids, grids, flips, answers
+
+
+def position_per_pair(data: RunData, out: Path) -> list[Path]:
+    """Small multiples, at most PAIRS_PER_PAGE pairs a sheet so they stay readable at report
+    width; one colour scale for every sheet of a metric; dots mark cells where the greedy
+    answer flipped to the source run's answer."""
+    paths = []
+    L, K = len(data.layers), len(data.thoughts)
+    ncols = PAGE_COLS
     with mpl.rc_context(RC):
         for metric, label in PER_PAIR.items():
-            get = _pair_value(metric)
-            grids, flips = {}, {}
-            for pid in pids:
-                G = np.full((L, K), np.nan)
-                F = np.zeros((L, K), bool)
-                for r in by_pair[pid]:
-                    if r["layer"] in li and r["thought"] in ki:
-                        G[li[r["layer"]], ki[r["thought"]]] = get(r)
-                        F[li[r["layer"]], ki[r["thought"]]] = bool(r.get("flip"))
-                grids[pid], flips[pid] = G, F
+            pids, grids, flips, _ = pair_grids(data, metric)
             allv = np.concatenate([g.ravel() for g in grids.values()])
             e = _scale_exp(allv)
             nc = _norm_cmap(metric, allv / 10.0**e)
-            w, h = 0.32 * K + 0.55, 0.16 * L + 0.55
-            fig = Figure(figsize=(ncols * w + 1.2, nrows * h + 1.0), layout="constrained")
-            axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-            im = None
-            for idx, ax in enumerate(axes):
-                if idx >= n:
-                    ax.set_axis_off()
-                    continue
-                pid = pids[idx]
-                im, _ = _draw_heatmap(fig, ax, grids[pid], metric, data.layers, data.thoughts, annotate=False, colorbar=False, norm_cmap=nc, scale=e)
-                ys, xs = np.nonzero(flips[pid])
-                if len(xs):
-                    ax.scatter(xs, ys, s=16, c="black", marker="o", edgecolors="white", linewidths=0.6)
-                ax.set_title(f"pair {pid}" + (f" · {int(flips[pid].sum())} flip" if flips[pid].any() else ""), fontsize=7, pad=2)
-                ax.tick_params(labelsize=5, length=0, pad=1)
-                col, row = idx % ncols, idx // ncols
-                if col:
-                    ax.set_yticklabels([])
-                if row != nrows - 1 and idx + ncols < n:
-                    ax.set_xticklabels([])
-            if im is not None:
-                cb = fig.colorbar(im, ax=list(axes[:n]), fraction=0.03, pad=0.01, shrink=0.6)
-                cb.set_label(PER_PAIR_SHORT[metric] + _suffix(e))
-            fig.suptitle(
-                f"Exp 1 per pair: {label}\nrows: layer (bottom row = input z$_k$), columns: thought k · dot = answer flips to the {data.source_role} answer · {data.model_name} · {data.direction}",
-                x=0.0, ha="left", fontsize=9,
-            )
-            paths.append(_save(fig, out / f"position_per_pair_{metric}.png"))
+            pages = [pids[i:i + PAIRS_PER_PAGE] for i in range(0, len(pids), PAIRS_PER_PAGE)]
+            nrows = math.ceil(min(len(pids), PAIRS_PER_PAGE) / ncols)
+            for page, chunk in enumerate(pages, 1):
+                fig = Figure(figsize=(PAGE_WIDTH_IN, nrows * (0.28 * L + 0.75) + 1.3), layout="constrained")
+                axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+                im = None
+                for idx, ax in enumerate(axes):
+                    if idx >= len(chunk):
+                        ax.set_axis_off()
+                        continue
+                    pid = chunk[idx]
+                    im, _ = _draw_heatmap(fig, ax, grids[pid], metric, data.layers, data.thoughts, annotate=False, colorbar=False, norm_cmap=nc, scale=e)
+                    ys, xs = np.nonzero(flips[pid])
+                    if len(xs):
+                        ax.scatter(xs, ys, s=22, c="black", marker="o", edgecolors="white", linewidths=0.7)
+                    nflip = int(flips[pid].sum())
+                    ax.set_title(f"pair {pid}" + (f" · {nflip} flip{'s' if nflip != 1 else ''}" if nflip else ""), fontsize=PAIR_TITLE_PT, pad=2)
+                    ax.tick_params(labelsize=7, length=0, pad=1)
+                    if idx % ncols:
+                        ax.set_yticklabels([])
+                    if idx + ncols < len(chunk):
+                        ax.set_xticklabels([])
+                if im is not None:
+                    cb = fig.colorbar(im, ax=list(axes), fraction=0.04, pad=0.01, shrink=0.8)
+                    cb.set_label(PER_PAIR_SHORT[metric] + _suffix(e) + " (same scale on every sheet)")
+                fig.suptitle(
+                    f"Exp 1 per pair ({page}/{len(pages)}: pairs {chunk[0]}–{chunk[-1]}): {label}\n"
+                    f"rows: layer (bottom = input z$_k$), columns: thought k · dot = answer flips to the {data.source_role} answer",
+                    x=0.0, ha="left", fontsize=10,
+                )
+                paths.append(_save(fig, out / f"position_per_pair_{metric}_{page}.png"))
     return paths
 
 
@@ -283,19 +320,22 @@ CURVE_METRICS = ("kl", "kl_to_clean", "answer_logit_diff", "logprob_diff", "reco
 
 
 def layer_curve(data: RunData, out: Path) -> list[Path]:
-    layers = [l for l in data.layers if (l,) in data.cells("layer")]
+    layers = [l for l in data.layers if data.key("layer", layer=l) in data.cells("layer")]
     x = np.arange(len(layers))
     with mpl.rc_context(RC):
-        fig = Figure(figsize=(max(9.0, 3 * (0.25 * len(layers) + 1.6)), 5.6), layout="constrained")
+        fig = Figure(figsize=(max(9.0, 3 * (0.25 * len(layers) + 1.6)), 6.0), layout="constrained")
         axes = fig.subplots(2, 3).ravel()
+        keys = [data.key("layer", layer=l) for l in layers]
         for ax, metric in zip(axes, CURVE_METRICS):
-            m, ci = _series(data, "layer", [(l,) for l in layers], metric)
+            m, lo, hi = _series(data, "layer", keys, metric)
             _zero_line(ax, metric)
-            _ref_lines(ax, data, "layer", (layers[0],), metric)
-            _band(ax, x, m, ci, EXP_COLORS["layer"], label="layer patching (mean ± 95 % CI)")
+            _ref_lines(ax, data, "layer", keys[0], metric)
+            _band(ax, x, m, lo, hi, EXP_COLORS["layer"], label="layer patching (mean; band = 95 % CI)")
+            if log_wanted(metric, m):
+                _log_axis(ax, m)
             ax.set_xticks(x, _ylabels(layers), rotation=0 if len(layers) <= 10 else 90)
             ax.set_xlabel("layer (all thoughts patched)")
-            ax.set_title(LABELS[metric] + (", no CI" if metric == "recovered" else ""), fontsize=9)
+            ax.set_title(f"{LABELS[metric]}\n{ci_name(data, 'layer', metric)}", fontsize=9)
             if metric in RATE:
                 ax.set_ylim(-0.03, 1.03)
             if metric == "logprob_diff":
@@ -309,7 +349,8 @@ def layer_curve(data: RunData, out: Path) -> list[Path]:
 # ---- Exp 2: trajectories ---------------------------------------------------------------------
 def iterative_trajectories(data: RunData, out: Path) -> list[Path]:
     its = data.iterations
-    layers = [l for l in data.layers if any((l, i) in data.cells("iterative") for i in its)]
+    key = lambda l, i: data.key("iterative", layer=l, iteration=i)  # noqa: E731
+    layers = [l for l in data.layers if any(key(l, i) in data.cells("iterative") for i in its)]
     colors = _layer_colors(layers)
     x = np.array(its)
     paths = []
@@ -320,16 +361,21 @@ def iterative_trajectories(data: RunData, out: Path) -> list[Path]:
         ):
             ncols = 3
             nrows = math.ceil(len(metrics) / ncols)
-            fig = Figure(figsize=(11.5, 3.0 * nrows + 0.8), layout="constrained")
+            fig = Figure(figsize=(11.5, 3.2 * nrows + 0.8), layout="constrained")
             axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
             for ax, metric in zip(axes, metrics):
                 _zero_line(ax, metric)
+                means = []
                 for l, c in zip(layers, colors):
-                    m, ci = _series(data, "iterative", [(l, i) for i in its], metric)
-                    _band(ax, x, m, ci, c, label=("input" if l == "input" else f"layer {l}"), marker=".", alpha=0.10 if len(layers) <= 5 else 0.04)
+                    m, lo, hi = _series(data, "iterative", [key(l, i) for i in its], metric)
+                    _band(ax, x, m, lo, hi, c, label=("input" if l == "input" else f"layer {l}"), marker=".", alpha=0.10 if len(layers) <= 5 else 0.04)
+                    means.append(m)
+                if log_wanted(metric, np.concatenate(means)):
+                    _log_axis(ax, np.concatenate(means))
+                    ax.set_ylabel(f"{SHORT[metric]} (log scale)")
                 ax.set_xticks(x)
                 ax.set_xlabel("iteration i (thought patched with $a_i$)")
-                ax.set_title(LABELS[metric] + (", no CI" if metric == "recovered" else ""), fontsize=9)
+                ax.set_title(f"{LABELS[metric]}\n{ci_name(data, 'iterative', metric)}", fontsize=9)
                 if metric in RATE:
                     ax.set_ylim(-0.03, 1.03)
                 if metric in ("cos_clean", "cos_corrupted"):
@@ -338,13 +384,14 @@ def iterative_trajectories(data: RunData, out: Path) -> list[Path]:
                 ax.set_axis_off()
             handles, labels = axes[0].get_legend_handles_labels()
             fig.legend(handles, labels, loc="outside right center", frameon=False, title="layer", ncols=1 if len(layers) <= 20 else 2)
-            fig.suptitle(f"{title} (mean; band = 95 % CI)\n{_subtitle(data, 'iterative')} · iteration 0 = Exp 1 at thought 0", x=0.0, ha="left")
+            fig.suptitle(f"{title} (mean; band = 95 % CI, method per panel)\n{_subtitle(data, 'iterative')} · iteration 0 = Exp 1 at thought 0", x=0.0, ha="left")
             paths.append(_save(fig, out / f"{name}.png"))
     return paths
 
 
 # ---- Exp 1 vs Exp 2 vs layer patching -------------------------------------------------------
 COMPARE_METRICS = ("kl", "logprob_diff")
+STEP = {"position": "thought", "iterative": "iteration"}  # the cell key the x axis runs over
 
 
 def comparison(data: RunData, out: Path) -> list[Path]:
@@ -361,48 +408,72 @@ def comparison(data: RunData, out: Path) -> list[Path]:
         for metric in COMPARE_METRICS:
             fig = Figure(figsize=(2.3 * ncols + 0.4, 2.0 * nrows + 1.3), layout="constrained")
             axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True).ravel()
+            means = []
             for ax, l in zip(axes, layers):
                 _zero_line(ax, metric)
                 ref_exp = "layer" if "layer" in have else have[0]
-                ref_key = (l,) if ref_exp == "layer" else (l, 0)
+                ref_key = data.key(ref_exp, layer=l, **({} if ref_exp == "layer" else {STEP[ref_exp]: 0}))
                 _ref_lines(ax, data, ref_exp, ref_key, metric)
-                if "layer" in have and (l,) in data.cells("layer"):
-                    m = data.stat("layer", (l,), metric)
-                    ci = data.stat("layer", (l,), metric, "ci95")
+                if "layer" in have and data.key("layer", layer=l) in data.cells("layer"):
+                    m, lo, hi = data.interval("layer", data.key("layer", layer=l), metric)
                     ax.axhline(m, color=EXP_COLORS["layer"], lw=1.4, label="layer patching (all thoughts)")
-                    if np.isfinite(ci):
-                        ax.axhspan(m - ci, m + ci, color=EXP_COLORS["layer"], alpha=0.08, lw=0)
+                    if np.isfinite(lo):
+                        ax.axhspan(lo, hi, color=EXP_COLORS["layer"], alpha=0.08, lw=0)
+                    means.append([m])
                 if "position" in have:
-                    ks = [k for k in data.thoughts if (l, k) in data.cells("position")]
-                    m, ci = _series(data, "position", [(l, k) for k in ks], metric)
-                    _band(ax, np.array(ks), m, ci, EXP_COLORS["position"], label=f"Exp 1: {data.source_role} activation at thought k only", alpha=0.10)
+                    keys = {k: data.key("position", layer=l, thought=k) for k in data.thoughts}
+                    ks = [k for k in data.thoughts if keys[k] in data.cells("position")]
+                    m, lo, hi = _series(data, "position", [keys[k] for k in ks], metric)
+                    _band(ax, np.array(ks), m, lo, hi, EXP_COLORS["position"], label=f"Exp 1: {data.source_role} activation at thought k only", alpha=0.10)
+                    means.append(m)
                 if "iterative" in have:
-                    ii = [i for i in its if (l, i) in data.cells("iterative")]
-                    m, ci = _series(data, "iterative", [(l, i) for i in ii], metric)
-                    _band(ax, np.array(ii), m, ci, EXP_COLORS["iterative"], label="Exp 2: chained $a_i$ at thought i only", marker="s", ls="--", alpha=0.10)
+                    keys = {i: data.key("iterative", layer=l, iteration=i) for i in its}
+                    ii = [i for i in its if keys[i] in data.cells("iterative")]
+                    m, lo, hi = _series(data, "iterative", [keys[i] for i in ii], metric)
+                    _band(ax, np.array(ii), m, lo, hi, EXP_COLORS["iterative"], label="Exp 2: chained $a_i$ at thought i only", marker="s", ls="--", alpha=0.10)
+                    means.append(m)
                 ax.set_title("input (z$_k$)" if l == "input" else f"layer {l}", fontsize=9)
                 ax.set_xticks(xs)
+            allm = np.concatenate([np.asarray(m, float) for m in means]) if means else np.array([])
+            scale = log_wanted(metric, allm)
+            if scale:
+                _log_axis(axes[0], allm)  # the panels share y
             for ax in axes[len(layers):]:
                 ax.set_axis_off()
             for ax in axes[(nrows - 1) * ncols:]:
                 ax.set_xlabel("thought k / iteration i")
             for ax in axes[::ncols]:
-                ax.set_ylabel(SHORT[metric])
+                ax.set_ylabel(SHORT[metric] + (" (log scale)" if scale else ""))
             handles, labels = axes[0].get_legend_handles_labels()
             fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3), frameon=False)
-            fig.suptitle(f"Exp 1 vs Exp 2 vs layer patching: {LABELS[metric]} (mean; band = 95 % CI)\n{data.model_name} · {data.direction} · n = {max(data.n_pairs(e) for e in have)} pairs", x=0.0, ha="left")
+            fig.suptitle(
+                f"Exp 1 vs Exp 2 vs layer patching: {LABELS[metric]} (mean; band = {ci_name(data, have[0], metric)})\n"
+                f"{data.model_name} · {data.direction} · n = {max(data.n_pairs(e) for e in have)} pairs", x=0.0, ha="left")
             paths.append(_save(fig, out / f"comparison_{metric}.png"))
     return paths
 
 
-# ---- interactive pages (plotly, library inlined) --------------------------------------------
+# ---- interactive pages (plotly; one plotly.min.js per figures directory) --------------------
 HTML_CSS = "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1200px;margin:1.5em auto;padding:0 1em;color:#222}h2{margin-top:2em;border-bottom:1px solid #ddd}p.note{color:#555}"
+PLOTLY_JS = "plotly.min.js"
+OFFLINE = f"Works offline: plotly is loaded from {PLOTLY_JS} beside this page."
+
+
+def _plotly_js(folder: Path) -> Path:
+    """The pages' one copy of plotly.js (rewritten only when the installed plotly differs)."""
+    from plotly.offline import get_plotlyjs
+
+    path = folder / PLOTLY_JS
+    text = get_plotlyjs()
+    if not path.is_file() or path.stat().st_size != len(text.encode()) or path.read_text(encoding="utf-8") != text:
+        atomic_write_text(path, text)
+    return path
 
 
 def _page(path: Path, title: str, intro: str, sections: list[tuple[str, str, object]]) -> Path:
     import plotly.io as pio
-    from plotly.offline import get_plotlyjs
 
+    _plotly_js(path.parent)
     body = []
     for i, (heading, note, fig) in enumerate(sections):
         div = pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=f"fig{i}", config={"displaylogo": False, "responsive": True})
@@ -410,66 +481,165 @@ def _page(path: Path, title: str, intro: str, sections: list[tuple[str, str, obj
     text = (
         "<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
         f"<title>{html.escape(title)}</title>\n<style>{HTML_CSS}</style>\n"
-        f"<script type='text/javascript'>{get_plotlyjs()}</script>\n</head>\n<body>\n"
+        f"<script src='{PLOTLY_JS}'></script>\n</head>\n<body>\n"
         f"<h1>{html.escape(title)}</h1>\n<p>{html.escape(intro)}</p>\n" + "\n".join(body) + "\n</body>\n</html>\n"
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    atomic_write_text(path, text)
     return path
 
 
-def _plotly_scale(metric: str) -> dict:
+def _plotly_colours(metric: str) -> dict:
     if metric in RATE:
-        return {"colorscale": "Purples", "zmin": 0, "zmax": 1}
+        return {"colorscale": "Purples"}
     if metric in SIGNED or metric.startswith("delta_"):
-        return {"colorscale": "RdBu", "reversescale": True, "zmid": 0}
+        return {"colorscale": "RdBu", "reversescale": True}
     return {"colorscale": "Viridis"}
+
+
+def colour_range(metric: str, mean: np.ndarray, pairs: list[np.ndarray]) -> tuple[float, float, str]:
+    """One colour range for the mean view and every pair of a metric (so pairs compare), and a
+    note when values beyond it saturate."""
+    allv = np.concatenate([mean.ravel()] + [g.ravel() for g in pairs])
+    allv = allv[np.isfinite(allv)]
+    if metric in RATE:
+        return 0.0, 1.0, ""
+    top = float(np.abs(allv).max()) if allv.size else 1.0
+    if metric == "recovered":
+        # per-pair ratios explode where a pair's two runs barely differ; keep 0…1 readable
+        r = max(1.0, float(np.nanmax(np.abs(mean))) if np.isfinite(mean).any() else 1.0)
+        return -r, r, f" Per-pair ratios beyond ±{r:.3g} saturate the colour."
+    if metric in SIGNED:
+        return -(top or 1.0), top or 1.0, ""
+    return 0.0, (float(allv.max()) if allv.size and allv.max() > 0 else 1.0), ""
 
 
 def _r(v: float):
     return None if not np.isfinite(v) else float(f"{v:.6g}")
 
 
+def _num(v: float) -> str:
+    return "n/a" if not np.isfinite(v) else f"{v:.4g}"
+
+
+def cell_text(v: float) -> str:
+    """Compact cell text: 3 significant digits, exponent for tiny or huge values."""
+    if not np.isfinite(v):
+        return ""
+    if v != 0 and not 1e-3 <= abs(v) < 1e4:
+        return f"{v:.1e}".replace("e-0", "e-").replace("e+0", "e+")
+    return f"{v:.3g}"
+
+
+def _answer(a) -> str:
+    if isinstance(a, float) and a.is_integer():
+        return str(int(a))
+    return "none" if a is None or (isinstance(a, float) and math.isnan(a)) else html.escape(str(a))
+
+
+def _hover_text(s: str, width: int = 80) -> str:
+    """Free text in a hover: escaped, wrapped, no plotly template syntax."""
+    import textwrap
+
+    return "<br>".join(html.escape(line).replace("%{", "% {") for line in textwrap.wrap(str(s), width)) or "?"
+
+
+def _pair_lines(pair: dict) -> str:
+    c, r = pair.get("clean", {}), pair.get("corrupted", {})
+    return f"clean: {_hover_text(c.get('question', '?'))} (answer {_answer(c.get('answer'))})<br>corrupted: {_hover_text(r.get('question', '?'))} (answer {_answer(r.get('answer'))})"
+
+
+def _pair_title(pid: int, pair: dict) -> str:
+    c, r = pair.get("clean", {}), pair.get("corrupted", {})
+    return f"pair {pid} · clean: {_hover_text(c.get('question', '?'), 120)} → {_answer(c.get('answer'))}<br>corrupted: {_hover_text(r.get('question', '?'), 120)} → {_answer(r.get('answer'))}"
+
+
 def position_html(data: RunData, out: Path) -> list[Path]:
+    """Exp 1 heatmaps: the mean view (hover: mean, interval and its method, n) and, on a
+    slider, every pair (hover: the pair's questions and answers, the patched answer), all on
+    one colour scale per metric; ● marks cells whose answer flips to the source answer."""
     import plotly.graph_objects as go
 
+    exp = "position"
     ylab = _ylabels(data.layers)
     xlab = [str(k) for k in data.thoughts]
-    by_pair = data.pair_rows("position")
-    pids = [p for p in data.pair_ids if p in by_pair] or sorted(by_pair)
+    pairs = {p["pair_id"]: p for p in data.pairs}
+    n_pairs = data.n_pairs(exp)
+    mean_title = f"mean over n = {n_pairs} pairs"
     sections = []
     for metric in MAIN_METRICS + ("kl_to_clean",):
+        method = ci_name(data, exp, metric)
+        M, LO, HI, N = (_grid(data, metric, w) for w in ("mean", "ci_low", "ci_high", "n"))
+        pids, grids, flips, answers = pair_grids(data, metric)
+        zmin, zmax, saturate = colour_range(metric, M, list(grids.values()))
+        what = "ratio of means" if metric == "recovered" else "mean"
+        custom = [[[f"[{_num(lo)}, {_num(hi)}]", "n/a" if not np.isfinite(n) else str(int(n)), _num(m)] for m, lo, hi, n in zip(*rows)] for rows in zip(M, LO, HI, N)]
         fig = go.Figure()
-        M, CI = _grid(data, metric), _grid(data, metric, "ci95")
-        Z = [[_r(v) for v in row] for row in M]
-        custom = [[("±" + f"{c:.3g}") if np.isfinite(c) else "" for c in row] for row in CI]
-        fig.add_trace(go.Heatmap(z=Z, x=xlab, y=ylab, customdata=custom, texttemplate="%{z:.3g}", name="mean",
-                                 hovertemplate="layer %{y}, thought %{x}<br>mean %{z:.4g} %{customdata} (95% CI)<extra>mean</extra>",
-                                 colorbar={"title": {"text": SHORT[metric]}}, **_plotly_scale(metric)))
-        get = _pair_value(metric) if metric != "recovered" else (lambda r: float(r["recovered"]))
-        li = {l: i for i, l in enumerate(data.layers)}
-        ki = {k: j for j, k in enumerate(data.thoughts)}
+        fig.add_trace(go.Heatmap(
+            z=[[_r(v) for v in row] for row in M], x=xlab, y=ylab, text=[[cell_text(v) for v in row] for row in M], texttemplate="%{text}",
+            customdata=custom, coloraxis="coloraxis", name="mean",
+            hovertemplate=f"layer %{{y}}, thought %{{x}}<br>{what} %{{customdata[2]}}<br>{method} %{{customdata[0]}}<br>n = %{{customdata[1]}}<extra></extra>",
+        ))
+        owner: list = [None]  # the slider step (None = mean view, else a pair id) showing each trace
+        per_pair = "this pair's ratio" if metric == "recovered" else SHORT[metric]
         for pid in pids:
-            G = np.full((len(data.layers), len(data.thoughts)), np.nan)
-            for r in by_pair[pid]:
-                if r["layer"] in li and r["thought"] in ki:
-                    G[li[r["layer"]], ki[r["thought"]]] = get(r)
-            fig.add_trace(go.Heatmap(z=[[_r(v) for v in row] for row in G], x=xlab, y=ylab, visible=False, texttemplate="%{z:.3g}", name=f"pair {pid}",
-                                     hovertemplate=f"pair {pid}: layer %{{y}}, thought %{{x}}<br>%{{z:.4g}}<extra></extra>",
-                                     colorbar={"title": {"text": SHORT[metric]}}, **_plotly_scale(metric)))
-        steps = []
-        for i, label in enumerate(["mean"] + [f"pair {p}" for p in pids]):
-            vis = [j == i for j in range(1 + len(pids))]
-            steps.append({"method": "update", "label": label, "args": [{"visible": vis}]})
+            G, F = grids[pid], flips[pid]
+            ans = [[[_answer(a) + (f" (flips to the {data.source_role} answer)" if f else ""), _num(v)] for a, f, v in zip(*rows)] for rows in zip(answers[pid], F, G)]
+            # a flip is marked in the cell's text: a marker trace on a category axis could only sit on the number
+            text = [[cell_text(v) + (" ●" if f else "") for v, f in zip(*rows)] for rows in zip(G, F)]
+            fig.add_trace(go.Heatmap(
+                z=[[_r(v) for v in row] for row in G], x=xlab, y=ylab, text=text, texttemplate="%{text}",
+                customdata=ans, coloraxis="coloraxis", visible=False, name=f"pair {pid}",
+                hovertemplate=f"pair {pid} · layer %{{y}}, thought %{{x}}<br>{per_pair} %{{customdata[1]}}<br>patched answer %{{customdata[0]}}<br>{_pair_lines(pairs.get(pid, {}))}<extra></extra>",
+            ))
+            owner.append(pid)
+        steps = [
+            {"method": "update", "label": "mean" if pid is None else f"pair {pid}",
+             "args": [{"visible": [o == pid for o in owner]}, {"title.text": mean_title if pid is None else _pair_title(pid, pairs.get(pid, {}))}]}
+            for pid in [None] + pids
+        ]
         fig.update_layout(
+            coloraxis={"cmin": _r(zmin), "cmax": _r(zmax), "colorbar": {"title": {"text": SHORT[metric]}}, **_plotly_colours(metric)},
+            title={"text": mean_title, "x": 0, "xanchor": "left", "font": {"size": 12}},
             sliders=[{"active": 0, "steps": steps, "currentvalue": {"prefix": "showing: "}, "pad": {"t": 40}}],
-            xaxis_title="thought k", yaxis_title="layer (input = fed thought vector)",
-            height=max(420, 28 * len(ylab) + 260), margin={"t": 30},
+            xaxis={"title": {"text": "thought k"}, "type": "category"}, yaxis={"title": {"text": "layer (input = fed thought vector)"}, "type": "category"},
+            height=max(500, 28 * len(ylab) + 340), margin={"t": 120}, meta={"metric": metric, "experiment": exp},
         )
-        note = LABELS[metric] + (" — ratio of means for the mean view; per-pair ratios in the pair views." if metric == "recovered" else ". Mean over pairs; slide to see one pair.")
+        note = (
+            f"{LABELS[metric]}. The {what} over pairs; hover for the 95 % interval ({method.split(': ')[-1]}) and n. "
+            f"Slide to see one pair (hover: its questions, answers and the patched answer; ● = the answer flips to the {data.source_role} answer). "
+            f"One colour scale for the mean and every pair ({zmin:.3g} to {zmax:.3g}).{saturate}"
+        )
         sections.append((f"Exp 1 heatmap — {SHORT[metric]}", note, fig))
-    intro = f"Exp 1, position-wise patching: each (layer, thought) site alone gets the {data.source_role} activation. {_subtitle(data, 'position')}. Works offline (plotly inlined)."
+    intro = f"Exp 1, position-wise patching: each (layer, thought) site alone gets the {data.source_role} activation. {_subtitle(data, exp)}. {OFFLINE}"
     return [_page(out / "position.html", f"Exp 1 — position-wise patching ({data.run_dir.name})", intro, sections)]
+
+
+def _trace(data: RunData, exp: str, keys: list[tuple], metric: str, x: list, name: str, xname: str, **kw):
+    """One line with asymmetric error bars = the summary's interval; hover: mean, interval, n."""
+    import plotly.graph_objects as go
+
+    m, lo, hi, n = _series(data, exp, keys, metric, ("mean", "ci_low", "ci_high", "n"))
+    y = [_r(v) for v in m]
+    up = [None if yy is None or not np.isfinite(h) else max(0.0, _r(h) - yy) for yy, h in zip(y, hi)]
+    down = [None if yy is None or not np.isfinite(lw) else max(0.0, yy - _r(lw)) for yy, lw in zip(y, lo)]
+    custom = [[_num(a), _num(b), "n/a" if not np.isfinite(c) else str(int(c))] for a, b, c in zip(lo, hi, n)]
+    what = "ratio of means" if metric == "recovered" else "mean"
+    return go.Scatter(
+        x=x, y=y, name=name, customdata=custom,
+        error_y={"type": "data", "symmetric": False, "array": up, "arrayminus": down, "visible": bool(np.isfinite(lo).any())},
+        hovertemplate=f"{name} · {xname} %{{x}}<br>{what} %{{y:.4g}}<br>{ci_name(data, exp, metric)} [%{{customdata[0]}}, %{{customdata[1]}}]<br>n = %{{customdata[2]}}<extra></extra>",
+        **({"mode": "lines+markers"} | kw),
+    )
+
+
+def _scale_menu(fig, metric: str, means, x: float = 1.0) -> list[dict]:
+    """KL-type metrics get a linear/log switch, log first when the means span > 2 decades."""
+    if not metric.startswith("kl"):
+        return []
+    log = log_wanted(metric, means)
+    fig.update_yaxes(type="log" if log else "linear", exponentformat="power")
+    buttons = [{"label": t, "method": "relayout", "args": [{"yaxis.type": t}]} for t in ("linear", "log")]
+    return [{"type": "buttons", "direction": "right", "buttons": buttons, "active": int(log), "showactive": True, "x": x, "xanchor": "right", "y": 1.02, "yanchor": "bottom"}]
 
 
 def _lines_fig(data: RunData, exp: str, metric: str, xname: str, groups: list, xs: list, key: Callable, group_name: Callable):
@@ -477,23 +647,39 @@ def _lines_fig(data: RunData, exp: str, metric: str, xname: str, groups: list, x
 
     fig = go.Figure()
     for g in groups:
-        keys = [key(g, x) for x in xs]
-        m, ci = _series(data, exp, keys, metric)
-        fig.add_trace(go.Scatter(x=xs, y=[_r(v) for v in m], name=group_name(g), mode="lines+markers",
-                                 error_y={"type": "data", "array": [_r(v) for v in ci], "visible": bool(np.isfinite(ci).any())}))
-    fig.update_layout(xaxis_title=xname, yaxis_title=SHORT[metric], height=420, margin={"t": 30})
+        fig.add_trace(_trace(data, exp, [key(g, x) for x in xs], metric, xs, group_name(g), xname))
+    means = [v for t in fig.data for v in t.y if v is not None]
+    fig.update_layout(xaxis_title=xname, yaxis_title=SHORT[metric], height=440, margin={"t": 50}, meta={"metric": metric, "experiment": exp},
+                      updatemenus=_scale_menu(fig, metric, means), title=_bars_title(data, exp, metric))
+    _y_range(fig, metric)
     return fig
 
 
+def _bars_title(data: RunData, exp: str, metric: str) -> dict:
+    what = "ratio of means" if metric == "recovered" else "mean"
+    return {"text": f"{what} over pairs; error bars = {ci_name(data, exp, metric)}", "x": 0, "xanchor": "left", "font": {"size": 12}}
+
+
+def _y_range(fig, metric: str) -> None:
+    """Axes of metrics ≥ 0 do not pad below 0 (a rate axis showed a −0.02 tick)."""
+    if metric_range(metric)[0] == 0:
+        fig.update_yaxes(rangemode="nonnegative")
+
+
+def _curve_note(data: RunData, exp: str, metric: str, what: str) -> str:
+    scale = " Linear/log switch at the top right." if metric.startswith("kl") else ""
+    return f"{LABELS[metric]} {what}; error bars = {ci_name(data, exp, metric)} (hover: mean, interval, n).{scale}"
+
+
 def layer_html(data: RunData, out: Path) -> list[Path]:
-    layers = [l for l in data.layers if (l,) in data.cells("layer")]
+    layers = [l for l in data.layers if data.key("layer", layer=l) in data.cells("layer")]
     xs = _ylabels(layers)
     sections = []
     for metric in CURVE_METRICS:
-        fig = _lines_fig(data, "layer", metric, "layer (all thoughts patched)", [None], list(range(len(layers))), lambda g, x: (layers[x],), lambda g: "layer patching")
-        fig.update_xaxes(tickmode="array", tickvals=list(range(len(layers))), ticktext=xs)
-        sections.append((SHORT[metric], LABELS[metric] + " — mean over pairs, error bars 95 % CI" + (" (none for recovered: a ratio of means)" if metric == "recovered" else ""), fig))
-    intro = f"Layer patching: every thought at one layer gets the {data.source_role} activations. {_subtitle(data, 'layer')}. Works offline (plotly inlined)."
+        fig = _lines_fig(data, "layer", metric, "layer", [None], list(range(len(layers))), lambda g, x: data.key("layer", layer=layers[x]), lambda g: "layer patching")
+        fig.update_xaxes(tickmode="array", tickvals=list(range(len(layers))), ticktext=xs, title_text="layer (all thoughts patched)")
+        sections.append((SHORT[metric], _curve_note(data, "layer", metric, "— mean over pairs per layer"), fig))
+    intro = f"Layer patching: every thought at one layer gets the {data.source_role} activations. {_subtitle(data, 'layer')}. {OFFLINE}"
     return [_page(out / "layer.html", f"Layer patching ({data.run_dir.name})", intro, sections)]
 
 
@@ -501,34 +687,38 @@ def iterative_html(data: RunData, out: Path) -> list[Path]:
     import plotly.graph_objects as go
 
     its = data.iterations
-    layers = [l for l in data.layers if any((l, i) in data.cells("iterative") for i in its)]
+    key = lambda l, i: data.key("iterative", layer=l, iteration=i)  # noqa: E731
+    layers = [l for l in data.layers if any(key(l, i) in data.cells("iterative") for i in its)]
+    lname = lambda l: "input" if l == "input" else f"layer {l}"  # noqa: E731
     sections = []
     for metric in CURVE_METRICS + ACTIVATION_METRICS:
-        fig = _lines_fig(data, "iterative", metric, "iteration i", layers, its, lambda g, x: (g, x), lambda g: "input" if g == "input" else f"layer {g}")
-        sections.append((SHORT[metric], LABELS[metric] + " per iteration, one line per layer (click legend entries to hide); error bars 95 % CI.", fig))
+        fig = _lines_fig(data, "iterative", metric, "iteration", layers, its, key, lname)
+        sections.append((SHORT[metric], _curve_note(data, "iterative", metric, "per iteration, one line per layer (click legend entries to hide)"), fig))
     if "position" in data.rows or "layer" in data.rows:
         for metric in COMPARE_METRICS:
             fig = go.Figure()
-            vis_of = []
+            vis_of, means = [], []
             for l in layers:
                 if "position" in data.rows:
-                    ks = [k for k in data.thoughts if (l, k) in data.cells("position")]
-                    m, ci = _series(data, "position", [(l, k) for k in ks], metric)
-                    fig.add_trace(go.Scatter(x=ks, y=[_r(v) for v in m], error_y={"type": "data", "array": [_r(v) for v in ci]}, name="Exp 1 (thought k only)", line={"color": EXP_COLORS["position"]}))
+                    ks = [k for k in data.thoughts if data.key("position", layer=l, thought=k) in data.cells("position")]
+                    fig.add_trace(_trace(data, "position", [data.key("position", layer=l, thought=k) for k in ks], metric, ks, f"Exp 1 (thought k only), {lname(l)}", "thought", line={"color": EXP_COLORS["position"]}))
                     vis_of.append(l)
-                m, ci = _series(data, "iterative", [(l, i) for i in its], metric)
-                fig.add_trace(go.Scatter(x=its, y=[_r(v) for v in m], error_y={"type": "data", "array": [_r(v) for v in ci]}, name="Exp 2 (iteration i)", line={"color": EXP_COLORS["iterative"], "dash": "dash"}))
+                fig.add_trace(_trace(data, "iterative", [key(l, i) for i in its], metric, its, f"Exp 2 (iteration i), {lname(l)}", "iteration", line={"color": EXP_COLORS["iterative"], "dash": "dash"}))
                 vis_of.append(l)
-                if "layer" in data.rows and (l,) in data.cells("layer"):
-                    v = data.stat("layer", (l,), metric)
-                    fig.add_trace(go.Scatter(x=[min(its), max(its)], y=[_r(v), _r(v)], mode="lines", name="layer patching (all thoughts)", line={"color": EXP_COLORS["layer"]}))
+                if "layer" in data.rows and data.key("layer", layer=l) in data.cells("layer"):
+                    lk = data.key("layer", layer=l)
+                    fig.add_trace(_trace(data, "layer", [lk, lk], metric, [min(its), max(its)], f"layer patching (all thoughts), {lname(l)}", "all thoughts", mode="lines", line={"color": EXP_COLORS["layer"]}))
                     vis_of.append(l)
-            buttons = [{"method": "update", "label": "input" if l == "input" else f"layer {l}", "args": [{"visible": [t == l for t in vis_of]}]} for l in layers]
+            buttons = [{"method": "update", "label": lname(l), "args": [{"visible": [t == l for t in vis_of]}]} for l in layers]
             for t, owner in zip(fig.data, vis_of):
                 t.visible = owner == layers[0]
-            fig.update_layout(updatemenus=[{"buttons": buttons, "x": 0, "y": 1.15, "xanchor": "left"}], xaxis_title="thought k / iteration i", yaxis_title=SHORT[metric], height=440, margin={"t": 60})
-            sections.append((f"Exp 1 vs Exp 2 vs layer patching — {SHORT[metric]}", "Pick a layer in the menu.", fig))
-    intro = f"Exp 2, iterative patching: iteration 0 patches (l, 0) with the {data.source_role} activation; iteration i patches only (l, i) with the activation aᵢ the previous iteration produced. {_subtitle(data, 'iterative')}. Works offline (plotly inlined)."
+                means += [v for v in t.y if v is not None]
+            menus = [{"buttons": buttons, "x": 0, "y": 1.15, "xanchor": "left"}] + _scale_menu(fig, metric, means)
+            fig.update_layout(updatemenus=menus, xaxis_title="thought k / iteration i", yaxis_title=SHORT[metric], height=460, margin={"t": 90}, meta={"metric": metric, "experiment": "iterative"},
+                              title=_bars_title(data, "iterative", metric) | {"y": 0.98, "yanchor": "top"})
+            _y_range(fig, metric)
+            sections.append((f"Exp 1 vs Exp 2 vs layer patching — {SHORT[metric]}", "Pick a layer in the menu. " + _curve_note(data, "iterative", metric, "per thought / iteration"), fig))
+    intro = f"Exp 2, iterative patching: iteration 0 patches (l, 0) with the {data.source_role} activation; iteration i patches only (l, i) with the activation aᵢ the previous iteration produced. {_subtitle(data, 'iterative')}. {OFFLINE}"
     return [_page(out / "iterative.html", f"Exp 2 — iterative patching ({data.run_dir.name})", intro, sections)]
 
 

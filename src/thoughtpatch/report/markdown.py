@@ -19,7 +19,9 @@ from pathlib import Path
 
 from thoughtpatch.data.schema import atomic_write_text
 from thoughtpatch.report.figures import write_figures
-from thoughtpatch.report.rundata import LABELS, MAIN_METRICS, SHORT, RunData, layer_key, load_run
+from thoughtpatch.report.intervals import METHODS, SHORT_METHODS, wilson
+from thoughtpatch.report.results import CELL_KEYS
+from thoughtpatch.report.rundata import ACTIVATION_METRICS, LABELS, MAIN_METRICS, SHORT, RunData, layer_key, load_run
 
 REPORT_FILES = {"position": "position_patching.md", "iterative": "iterative_patching.md", "layer": "layer_patching.md"}
 TITLES = {
@@ -44,8 +46,11 @@ def num(v, digits: int = 3) -> str:
     return "0" if s in ("-0", "0") else s
 
 
-def pm(m: float, ci: float) -> str:
-    return num(m) if not (isinstance(ci, float) and math.isfinite(ci)) else f"{num(m)} ± {num(ci, 2)}"
+def ci(m: float, lo: float, hi: float) -> str:
+    """"mean [low, high]" (the mean alone where the cell has no interval)."""
+    if not all(isinstance(v, float) and math.isfinite(v) for v in (lo, hi)):
+        return num(m)
+    return f"{num(m)} [{num(lo)}, {num(hi)}]"
 
 
 def pct(v) -> str:
@@ -67,6 +72,17 @@ def lname(l) -> str:
 
 
 # ---- shared sections -----------------------------------------------------------------------
+def intervals_used(data: RunData) -> str:
+    """Which interval each metric of this run got, and what the methods are."""
+    by_method: dict[str, list[str]] = {}
+    for exp in data.experiments:
+        for metric in TABLE_METRICS + ACTIVATION_METRICS:
+            m = data.ci_method(exp, metric)
+            if m and metric not in by_method.setdefault(m, []):
+                by_method[m].append(metric)
+    return "; ".join(f"{METHODS[m]} for {', '.join(ms)}" for m, ms in by_method.items())
+
+
 def metric_definitions(data: RunData) -> str:
     src, rec = data.source_role, data.receiving_role
     return f"""Metrics, read at the answer's decision position (the position that predicts the first token where the clean
@@ -82,14 +98,15 @@ and corrupted answer continuations differ, the shared part teacher-forced), in f
   answer's tokens (> 0 favours the clean answer).
 * **recovered** — (m_patched − m_receiving) / (m_source − m_receiving) of logprob_diff: 0 = no change,
   1 = the {src} run's value. Aggregated as the **ratio of means** over pairs (never the mean of
-  per-pair ratios), so it has no per-cell CI.
+  per-pair ratios); its interval is a bootstrap over pairs.
 * **flip** — the patched run's greedy answer equals the {src} run's answer (flip rate = mean of flip;
   pairs whose unpatched runs already answer alike flip without any patch: see the baseline);
   **away** — it differs from the {rec} run's answer.
 * Exp 2 also records the patched activation aᵢ: **norm** ‖aᵢ‖, **cos_clean** / **cos_corrupted** =
   cosine to the clean / corrupted run's activation at the same site.
 
-Aggregates: mean over pairs, 95 % CI = 1.96·sd/√n, n pairs per cell.
+Aggregates: mean over pairs, n pairs per cell, and a 95 % interval that stays inside the metric's
+range (DESIGN §3), written `mean [low, high]`: {intervals_used(data)}.
 """
 
 
@@ -143,6 +160,15 @@ def _check(data: RunData, name: str) -> dict | None:
     return next((c for c in data.checks if c["name"] == name), None)
 
 
+def rate_interval(check: dict) -> str:
+    """The Wilson interval of a rate check whose detail starts with its count, "k/d …"."""
+    m = re.match(r"(\d+)/(\d+)\b", str(check.get("detail", "")))
+    if not m or int(m.group(2)) == 0:
+        return ""
+    lo, hi = wilson(int(m.group(1)), int(m.group(2)))
+    return f" [{pct(lo)}, {pct(hi)}; 95 % CI, Wilson]"
+
+
 def baseline_lines(data: RunData) -> list[str]:
     out = []
     labels = (
@@ -154,7 +180,7 @@ def baseline_lines(data: RunData) -> list[str]:
     for name, label in labels:
         c = _check(data, name)
         if c is not None:
-            out.append(f"* {label}: **{pct(c['value'])}** — {c.get('detail', '')}")
+            out.append(f"* {label}: **{pct(c['value'])}**{rate_interval(c)} — {c.get('detail', '')}")
     return out or ["* Baseline accuracy: not recorded (no checks.json)."]
 
 
@@ -162,7 +188,7 @@ def error_analysis(data: RunData, exp: str) -> str:
     by_pair = data.pair_rows(exp)
     pairs = {p["pair_id"]: p for p in data.pairs}
     src, rec = data.source_role, data.receiving_role
-    cell_keys = {"layer": ("layer",), "position": ("layer", "thought"), "iterative": ("layer", "iteration")}[exp]
+    cell_keys = CELL_KEYS[exp]
     if exp == "layer":
         cell_name = lambda r: f"layer {lname(r['layer'])}"  # noqa: E731
     else:
@@ -204,26 +230,27 @@ def error_analysis(data: RunData, exp: str) -> str:
 
 
 # ---- ranking -------------------------------------------------------------------------------
-def ranked(data: RunData, exp: str, metric: str, k: int = 5) -> list[tuple[tuple, float, float, float]]:
-    """Top cells by a metric: largest effect first (signed metrics towards the source run)."""
+def ranked(data: RunData, exp: str, metric: str, k: int = 5) -> list[tuple[tuple, float, float, float, float]]:
+    """Top cells by a metric, (key, mean, ci_low, ci_high, n): largest effect first (signed
+    metrics towards the source run)."""
     out = []
     for key in data.cells(exp):
-        m = data.stat(exp, key, metric)
+        m, lo, hi = data.interval(exp, key, metric)
         if math.isfinite(m):
-            out.append((key, m, data.stat(exp, key, metric, "ci95"), data.stat(exp, key, metric, "n")))
+            out.append((key, m, lo, hi, data.stat(exp, key, metric, "n")))
     sgn = data.sign if metric in ("answer_logit_diff", "logprob_diff") else 1  # recovered is already source-oriented
     out.sort(key=lambda t: -sgn * t[1])  # stable: ties keep the cell order
     return out[:k]
 
 
 def top5_section(data: RunData, exp: str) -> str:
-    what = {"layer": "layers", "position": "(layer, thought) cells", "iterative": "(layer, iteration) cells"}[exp]
-    head = {"layer": ["layer"], "position": ["layer", "thought"], "iterative": ["layer", "iteration"]}[exp]
+    head = list(CELL_KEYS[exp])
+    what = "layers" if head == ["layer"] else "(" + ", ".join(head) + ") cells"
     order = "highest first" if data.sign > 0 else "highest first; logit diff and log-prob diff lowest first (most towards the corrupted answer)"
     parts = [f"## Top-5 {what} by each main metric\n\nMean over pairs ({order}).\n"]
     for metric in MAIN_METRICS:
-        rows = [[i + 1, *[lname(x) for x in key], pm(m, ci), num(n)] for i, (key, m, ci, n) in enumerate(ranked(data, exp, metric))]
-        parts.append(f"**{LABELS[metric]}**\n\n" + table(["rank", *head, "mean ± 95 % CI", "n"], rows))
+        rows = [[i + 1, *[lname(x) for x in key], ci(m, lo, hi), num(n)] for i, (key, m, lo, hi, n) in enumerate(ranked(data, exp, metric))]
+        parts.append(f"**{LABELS[metric]}**\n\n" + table(["rank", *head, f"mean [{ci_label(data, exp, metric)}]", "n"], rows))
     return "\n".join(parts)
 
 
@@ -231,27 +258,37 @@ def top5_section(data: RunData, exp: str) -> str:
 TABLE_METRICS = MAIN_METRICS + ("kl_to_clean", "away")
 
 
-def grid_table(data: RunData, exp: str, metric: str, cols: list, col_name: str) -> str:
+def ci_label(data: RunData, exp: str, metric: str) -> str:
+    m = data.ci_method(exp, metric)
+    return f"95 % CI, {SHORT_METHODS.get(m, m)}" if m else "no interval"
+
+
+def grid_table(data: RunData, exp: str, metric: str, cols: list, col_name: str, step: str) -> str:
     header = ["layer"] + [f"{col_name} {c}" for c in cols]
     rows = []
     for l in data.layers:
-        if not any((l, c) in data.cells(exp) for c in cols):
+        keys = [data.key(exp, layer=l, **{step: c}) for c in cols]
+        if not any(k in data.cells(exp) for k in keys):
             continue
-        rows.append([lname(l)] + [pm(data.stat(exp, (l, c), metric), data.stat(exp, (l, c), metric, "ci95")) for c in cols])
+        rows.append([lname(l)] + [ci(*data.interval(exp, k, metric)) for k in keys])
     return table(header, rows)
 
 
 def results_section(data: RunData, exp: str) -> str:
-    parts = ["## Results\n", f"Mean ± 95 % CI over pairs (n = {data.n_pairs(exp)}); `recovered` is the ratio of means (no CI).\n"]
+    parts = [
+        "## Results\n",
+        f"Mean [95 % CI] over pairs (n = {data.n_pairs(exp)}); `recovered` is the ratio of means. Each table names its interval's method (Methodology lists them).\n",
+    ]
     if exp == "layer":
-        layers = [l for l in data.layers if (l,) in data.cells("layer")]
-        rows = [[lname(l)] + [pm(data.stat("layer", (l,), m), data.stat("layer", (l,), m, "ci95")) for m in TABLE_METRICS] for l in layers]
-        parts.append(table(["layer"] + [SHORT[m] for m in TABLE_METRICS], rows))
+        keys = [data.key("layer", layer=l) for l in data.layers]
+        keys = [k for k in keys if k in data.cells("layer")]
+        rows = [[lname(k[CELL_KEYS["layer"].index("layer")])] + [ci(*data.interval("layer", k, m)) for m in TABLE_METRICS] for k in keys]
+        parts.append(table(["layer"] + [f"{SHORT[m]} ({SHORT_METHODS.get(data.ci_method('layer', m), '—')})" for m in TABLE_METRICS], rows))
         return "\n".join(parts)
-    cols, cname = (data.thoughts, "thought") if exp == "position" else (data.iterations, "iter")
-    metrics = TABLE_METRICS + (("cos_clean", "cos_corrupted", "norm") if exp == "iterative" else ())
+    cols, cname, step = (data.thoughts, "thought", "thought") if exp == "position" else (data.iterations, "iter", "iteration")
+    metrics = TABLE_METRICS + (ACTIVATION_METRICS if exp == "iterative" else ())
     for metric in metrics:
-        parts.append(f"### {LABELS[metric]}\n\n" + grid_table(data, exp, metric, cols, cname))
+        parts.append(f"### {LABELS[metric]}\n\n{ci_label(data, exp, metric)}.\n\n" + grid_table(data, exp, metric, cols, cname, step))
     return "\n".join(parts)
 
 
@@ -263,10 +300,10 @@ def iterative_vs_parallel(data: RunData) -> tuple[list[list], str]:
     for l in data.layers:
         row = [lname(l)]
         for metric in ("kl", "recovered", "flip"):
-            e1_0 = data.stat("position", (l, 0), metric) if "position" in data.rows else math.nan
-            e1_last = data.stat("position", (l, last), metric) if "position" in data.rows and last is not None else math.nan
-            e2 = data.stat("iterative", (l, last), metric) if "iterative" in data.rows and last is not None else math.nan
-            lp = data.stat("layer", (l,), metric) if "layer" in data.rows else math.nan
+            e1_0 = data.stat("position", data.key("position", layer=l, thought=0), metric) if "position" in data.rows else math.nan
+            e1_last = data.stat("position", data.key("position", layer=l, thought=last), metric) if "position" in data.rows and last is not None else math.nan
+            e2 = data.stat("iterative", data.key("iterative", layer=l, iteration=last), metric) if "iterative" in data.rows and last is not None else math.nan
+            lp = data.stat("layer", data.key("layer", layer=l), metric) if "layer" in data.rows else math.nan
             row += [num(e1_0), num(e1_last), num(e2), num(lp)]
         rows.append(row)
     return rows, f"Exp 1 at thought 0 (= Exp 2 iteration 0) / Exp 1 at thought {last} / Exp 2 at its final iteration {last} / layer patching (all thoughts)"
@@ -281,11 +318,9 @@ def iterative_vs_parallel_section(data: RunData) -> str:
 # ---- figures section -----------------------------------------------------------------------
 FIG_CAPTIONS = {
     "position_heatmaps.png": "All main metrics side by side (mean over pairs).",
-    "layer_curve.png": "Layer patching: each metric per layer, mean with 95 % CI band.",
-    "iterative_trajectories.png": "Exp 2: each metric per iteration, one line per layer, 95 % CI bands.",
+    "layer_curve.png": "Layer patching: each metric per layer, mean with its 95 % CI band (method in each panel's title).",
+    "iterative_trajectories.png": "Exp 2: each metric per iteration, one line per layer, 95 % CI bands (method in each panel's title; KL on a log axis when it spans more than two decades).",
     "iterative_activations.png": "Exp 2: the chained activation aᵢ — cosine to the clean and corrupted runs and its norm per iteration.",
-    "position_per_pair_kl.png": "Per pair: KL(patched ‖ receiving), one shared colour scale; dots = the answer flipped.",
-    "position_per_pair_delta_logprob_diff.png": "Per pair: change of logprob_diff against the unpatched run; dots = the answer flipped.",
     "comparison_kl.png": "Exp 1 vs Exp 2 vs layer patching, KL, one panel per layer.",
     "comparison_logprob_diff.png": "Exp 1 vs Exp 2 vs layer patching, log-prob diff, one panel per layer (dotted: unpatched run, dashed: source run).",
 }
@@ -295,6 +330,10 @@ def caption(p: Path) -> str:
     m = re.match(r"position_heatmap_(\w+)\.png", p.name)
     if m:
         return f"Exp 1 heatmap: {LABELS.get(m.group(1), m.group(1))}, mean over pairs."
+    m = re.match(r"position_per_pair_(\w+)_(\d+)\.png", p.name)
+    if m:
+        what = {"kl": "KL(patched ‖ receiving)", "delta_logprob_diff": "change of logprob_diff against the unpatched run"}.get(m.group(1), m.group(1))
+        return f"Per pair, sheet {m.group(2)}: {what}; one colour scale across the sheets; dots = the answer flipped."
     return FIG_CAPTIONS.get(p.name, p.stem)
 
 
@@ -303,7 +342,7 @@ def figures_section(figs: list[Path], html_pages: list[Path]) -> str:
     for p in figs:
         parts.append(f"{caption(p)}\n\n![{p.stem}](../figures/{p.name})\n")
     if html_pages:
-        parts.append("Interactive (offline, plotly inlined): " + ", ".join(f"[{p.name}](../figures/{p.name})" for p in html_pages) + "\n")
+        parts.append("Interactive (offline; hover for mean, interval and n): " + ", ".join(f"[{p.name}](../figures/{p.name})" for p in html_pages) + "\n")
     return "\n".join(parts)
 
 
@@ -335,6 +374,13 @@ def report(data: RunData, exp: str, figs: dict[str, list[Path]]) -> str:
 
 
 # ---- journal -------------------------------------------------------------------------------
+def cell_words(exp: str, key: tuple, bare: bool = False) -> str:
+    """"layer 2, thought 3" for a cell key (the bare value for a one-column key)."""
+    if bare and len(key) == 1:
+        return lname(key[0])
+    return ", ".join(f"{c} {lname(v)}" for c, v in zip(CELL_KEYS[exp], key))
+
+
 def journal_entry(data: RunData) -> str:
     mf = data.manifest
     date = str(mf.get("finished") or mf.get("started") or "undated")[:10]
@@ -349,23 +395,23 @@ def journal_entry(data: RunData) -> str:
     if "position" in data.rows:
         for metric in ("kl", "recovered"):
             top = ranked(data, "position", metric, 3)
-            lines.append(f"* Exp 1 top cells by {SHORT[metric]}: " + "; ".join(f"(layer {lname(k[0])}, thought {k[1]}) {num(m)}" for k, m, _, _ in top) + ".")
+            lines.append(f"* Exp 1 top cells by {SHORT[metric]}: " + "; ".join(f"({cell_words('position', k)}) {num(m)}" for k, m, *_ in top) + ".")
         flips = {r["pair_id"] for r in data.rows["position"] if r.get("flip")}
         moved = {r["pair_id"] for r in data.rows["position"] if r.get("away")}
         lines.append(f"* Exp 1 answers: {len(flips)} of {n} pairs flip to the {data.source_role} answer at some cell; {n - len(moved)} never move.")
     if "layer" in data.rows:
         top = ranked(data, "layer", "kl", 1) + ranked(data, "layer", "recovered", 1)
         if top:
-            lines.append(f"* Layer patching: strongest layer by KL {lname(top[0][0][0])} ({num(top[0][1])})" + (f", by recovered {lname(top[1][0][0])} ({num(top[1][1])})." if len(top) > 1 else "."))
+            lines.append(f"* Layer patching: strongest layer by KL {cell_words('layer', top[0][0], bare=True)} ({num(top[0][1])})" + (f", by recovered {cell_words('layer', top[1][0], bare=True)} ({num(top[1][1])})." if len(top) > 1 else "."))
     if "iterative" in data.rows and "position" in data.rows and data.iterations:
         last = max(data.iterations)
         ratios = []
         for l in data.layers:
-            e1, e2 = data.stat("position", (l, last), "kl"), data.stat("iterative", (l, last), "kl")
+            e1, e2 = data.stat("position", data.key("position", layer=l, thought=last), "kl"), data.stat("iterative", data.key("iterative", layer=l, iteration=last), "kl")
             if math.isfinite(e1) and math.isfinite(e2) and e1 > 0:
                 ratios.append(e2 / e1)
-        e2_0 = [data.stat("iterative", (l, 0), "kl") for l in data.layers]
-        e2_l = [data.stat("iterative", (l, last), "kl") for l in data.layers]
+        e2_0 = [data.stat("iterative", data.key("iterative", layer=l, iteration=0), "kl") for l in data.layers]
+        e2_l = [data.stat("iterative", data.key("iterative", layer=l, iteration=last), "kl") for l in data.layers]
         keep = [b / a for a, b in zip(e2_0, e2_l) if math.isfinite(a) and math.isfinite(b) and a > 0]
         if ratios:
             med = sorted(ratios)[len(ratios) // 2]
@@ -407,15 +453,16 @@ def describe(rel: str) -> str:
         "clean_activations.safetensors": "clean runs' thought activations per pair (cache, with metadata checked before reuse)",
         "corrupted_activations.safetensors": "corrupted runs' thought activations per pair (cache, with metadata checked before reuse)",
         JOURNAL: "research journal: one dated entry per run (findings, top cells, iterative vs parallel)",
-        "position.html": "interactive Exp 1 heatmaps (every metric; slider over mean and each pair); offline, plotly inlined",
-        "iterative.html": "interactive Exp 2 trajectories and Exp 1 vs Exp 2 vs layer comparison; offline, plotly inlined",
-        "layer.html": "interactive layer-patching curves; offline, plotly inlined",
+        "position.html": "interactive Exp 1 heatmaps (every metric; slider over mean and each pair); offline, loads plotly.min.js",
+        "iterative.html": "interactive Exp 2 trajectories and Exp 1 vs Exp 2 vs layer comparison; offline, loads plotly.min.js",
+        "layer.html": "interactive layer-patching curves; offline, loads plotly.min.js",
+        "plotly.min.js": "plotly.js, the one copy the interactive pages beside it load (no network)",
     }
     parts = rel.split("/")
     if parts[0] in exp_desc and name == "results.jsonl":
         return f"{exp_desc[parts[0]]}: one row per pair × cell with every metric (tidy)"
     if parts[0] in exp_desc and name == "summary.json":
-        return f"{exp_desc[parts[0]]}: per cell mean, std, 95 % CI and n of every metric; recovered as ratio of means"
+        return f"{exp_desc[parts[0]]}: per cell mean, std, n and 95 % interval (ci_low, ci_high, ci_method) of every metric; recovered as ratio of means"
     if parts[0] == "reports":
         for e, f in REPORT_FILES.items():
             if name == f:

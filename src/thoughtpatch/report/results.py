@@ -11,10 +11,13 @@ from pathlib import Path
 from typing import Iterable
 
 from thoughtpatch.data.schema import atomic_write_text
+from thoughtpatch.report.intervals import LEVEL, METHODS, RESAMPLES, SEED, ratio_of_means, stats
 
 # Which columns name the cell of each experiment.
 CELL_KEYS = {"layer": ("layer",), "position": ("layer", "thought"), "iterative": ("layer", "iteration")}
-NOT_METRICS = {"pair_id", "direction", "experiment", "layer", "thought", "iteration"}
+NOT_METRICS = {"pair_id", "direction", "experiment", "layer", "thought", "iteration", "site", "mode", "head"}
+# Numeric columns that are not effects: the greedy answer's mean over pairs means nothing.
+NOT_AGGREGATED = {"answer"}
 
 
 def _clean(v):
@@ -67,41 +70,35 @@ def cell_of(row: dict, experiment: str) -> tuple:
     return tuple(row[k] for k in CELL_KEYS[experiment])
 
 
-def _stats(values: list[float]) -> dict:
-    vals = [float(v) for v in values if not (isinstance(v, float) and math.isnan(v))]
-    n = len(vals)
-    if n == 0:
-        return {"mean": None, "std": None, "ci95": None, "n": 0}
-    mean = sum(vals) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "std": sd, "ci95": 1.96 * sd / math.sqrt(n), "n": n}
-
-
 def summarize(rows: Iterable[dict], experiment: str) -> list[dict]:
-    """Per cell: mean, std, 95 % CI and n of every metric over pairs. `recovered` is the ratio
-    of means, (mean patched − mean receiving) / (mean source − mean receiving), never the mean
-    of per-pair ratios (which explodes on pairs whose runs barely differ)."""
+    """Per cell: mean, std, n and a 95 % interval (`ci_low`, `ci_high`, `ci_method`; see
+    intervals.py) of every metric over pairs. `recovered` is the ratio of means,
+    (mean patched − mean receiving) / (mean source − mean receiving), never the mean of
+    per-pair ratios (which explodes on pairs whose runs barely differ); those are kept
+    under `per_pair`. A cell's rows are taken in pair order, so the bootstrap does not
+    depend on the order of results.jsonl."""
+    keys = CELL_KEYS[experiment]
     cells: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         cells[cell_of(r, experiment)].append(r)
     out = []
     for cell, rs in cells.items():
-        entry = dict(zip(CELL_KEYS[experiment], cell)) | {"n": len(rs), "metrics": {}}
+        rs = sorted(rs, key=lambda r: r["pair_id"])
+        entry = dict(zip(keys, cell)) | {"n": len(rs), "metrics": {}}
         for key in rs[0]:
-            if key in NOT_METRICS or not isinstance(rs[0][key], (int, float, bool)) or key == "recovered":
+            v = rs[0][key]
+            if key in NOT_METRICS or key in keys or key in NOT_AGGREGATED or key == "recovered" or not isinstance(v, (int, float, bool)):
                 continue
-            entry["metrics"][key] = _stats([float(r[key]) for r in rs])
-        mp = _stats([r["logprob_diff"] for r in rs])["mean"]
-        mr = _stats([r["logprob_diff_receiving"] for r in rs])["mean"]
-        ms = _stats([r["logprob_diff_source"] for r in rs])["mean"]
-        rec = None if None in (mp, mr, ms) or ms == mr else (mp - mr) / (ms - mr)
-        entry["metrics"]["recovered"] = {"mean": rec, "per_pair": _stats([r["recovered"] for r in rs]), "n": len(rs)}
+            entry["metrics"][key] = stats([r[key] for r in rs], key, boolean=any(isinstance(r[key], bool) for r in rs))
+        rec = ratio_of_means(*([r[k] for r in rs] for k in ("logprob_diff", "logprob_diff_receiving", "logprob_diff_source")))
+        entry["metrics"]["recovered"] = rec | {"per_pair": stats([r["recovered"] for r in rs], "recovered_per_pair")}
         out.append(entry)
-    order = lambda e: tuple((-1 if v == "input" else v) for v in (e[k] for k in CELL_KEYS[experiment]))  # noqa: E731
+    order = lambda e: tuple((-1, "") if v == "input" else (v, "") if isinstance(v, (int, float)) else (math.inf, str(v)) for v in (e[k] for k in keys))  # noqa: E731
     return sorted(out, key=order)
 
 
 def write_summary(path: Path, rows: list[dict], experiment: str, extra: dict | None = None) -> dict:
-    doc = {"experiment": experiment, "n_pairs": len({r["pair_id"] for r in rows}), **(extra or {}), "cells": summarize(rows, experiment)}
+    intervals = {"level": LEVEL, "methods": METHODS, "bootstrap": {"resamples": RESAMPLES, "seed": SEED}}
+    doc = {"experiment": experiment, "n_pairs": len({r["pair_id"] for r in rows}), **(extra or {}), "intervals": intervals, "cells": summarize(rows, experiment)}
     atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
     return doc

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from thoughtpatch.errors import ThoughtpatchError
-from thoughtpatch.report.results import CELL_KEYS, read_rows
+from thoughtpatch.report.results import CELL_KEYS, read_rows, summarize
 
 EXPERIMENTS = ("layer", "position", "iterative")
 # The metrics every report and figure covers, in this order.
@@ -72,6 +72,7 @@ class RunData:
     checks: list[dict]
     rows: dict[str, list[dict]] = field(default_factory=dict)
     summaries: dict[str, dict] = field(default_factory=dict)
+    _cells: dict[str, dict] = field(default_factory=dict, repr=False)
 
     # ---- what the run covered -------------------------------------------------------
     @property
@@ -137,21 +138,43 @@ class RunData:
     # ---- aggregated cells -----------------------------------------------------------
     def cells(self, exp: str) -> dict[tuple, dict]:
         """(cell key tuple) → summary cell, keys as in CELL_KEYS."""
-        out = {}
-        for c in self.summaries[exp]["cells"]:
-            key = tuple(_as_layer(c[k]) if k == "layer" else c[k] for k in CELL_KEYS[exp])
-            out[key] = c
-        return out
+        if exp not in self._cells:
+            self._cells[exp] = {tuple(_as_layer(c[k]) if k == "layer" else c[k] for k in CELL_KEYS[exp]): c for c in self.summaries[exp]["cells"]}
+        return self._cells[exp]
+
+    def key(self, exp: str, **parts) -> tuple:
+        """A cell key of `exp` from named parts (`key("position", layer=l, thought=k)`), in the
+        order of CELL_KEYS; a key column not named takes the one value the cells have for it."""
+        cols = CELL_KEYS[exp]
+        out = []
+        for c in cols:
+            if c in parts:
+                out.append(parts[c])
+                continue
+            seen = {k[cols.index(c)] for k in self.cells(exp)}
+            if len(seen) != 1:
+                raise ThoughtpatchError(f"{exp}: cells differ in '{c}'; name it")
+            out.append(seen.pop())
+        return tuple(out)
 
     def stat(self, exp: str, key: tuple, metric: str, what: str = "mean") -> float:
+        """A number of a cell's metric: mean, std, n, ci_low, ci_high or ci95 (NaN when absent)."""
         c = self.cells(exp).get(key)
         if c is None or metric not in c["metrics"]:
             return math.nan
-        m = c["metrics"][metric]
-        if metric == "recovered" and what != "mean":
-            # a ratio of means has no per-cell CI in summary.json
-            return nan_if_none(m.get("n")) if what == "n" else math.nan
-        return nan_if_none(m.get(what))
+        return nan_if_none(c["metrics"][metric].get(what))
+
+    def interval(self, exp: str, key: tuple, metric: str) -> tuple[float, float, float]:
+        """(mean, ci_low, ci_high) of a cell's metric; NaN where absent."""
+        return tuple(self.stat(exp, key, metric, w) for w in ("mean", "ci_low", "ci_high"))  # type: ignore[return-value]
+
+    def ci_method(self, exp: str, metric: str) -> str | None:
+        """The interval method of a metric in `exp` (one per metric: the same in every cell)."""
+        for c in self.summaries[exp]["cells"]:
+            m = c["metrics"].get(metric)
+            if m and m.get("ci_method"):
+                return m["ci_method"]
+        return None
 
     def pair_rows(self, exp: str) -> dict[int, list[dict]]:
         out: dict[int, list[dict]] = {}
@@ -167,6 +190,10 @@ def _read_json(path: Path, what: str):
         raise ThoughtpatchError(f"{path}: {what} not found — is this a thoughtpatch run directory?") from None
     except json.JSONDecodeError as e:
         raise ThoughtpatchError(f"{path}: malformed JSON ({e})") from None
+
+
+def _has_intervals(doc: dict) -> bool:
+    return all("ci_method" in m for c in doc.get("cells", []) for m in c.get("metrics", {}).values())
 
 
 def load_run(run_dir: str | Path) -> RunData:
@@ -185,7 +212,10 @@ def load_run(run_dir: str | Path) -> RunData:
             for r in rows:
                 r["layer"] = _as_layer(r["layer"])
             data.rows[exp] = rows
-            data.summaries[exp] = _read_json(summ, "summary")
+            doc = _read_json(summ, "summary")
+            if not _has_intervals(doc):  # written before summaries carried ci_low/ci_high/ci_method
+                doc = {**doc, "cells": summarize(rows, exp)}
+            data.summaries[exp] = doc
     if not data.rows:
         raise ThoughtpatchError(f"{run_dir}: no experiment results (expected layer/, position/ or iterative/ with results.jsonl and summary.json)")
     return data
