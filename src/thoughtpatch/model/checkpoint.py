@@ -32,6 +32,24 @@ def find_checkpoint_file(path: str | Path) -> Path:
     raise ThoughtpatchError(f"{path}: checkpoint not found")
 
 
+# torch's weights-only refusal wraps the cause in advice (re-run with weights_only=False)
+# that this project never follows: a pickle from the internet must not run code.
+_TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation", "In PyTorch 2.6", "Re-running")
+
+
+def load_failure(e: Exception) -> str:
+    """The cause of a failed checkpoint read in one line, without torch's advice."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    cause = [ln.removeprefix("WeightsUnpickler error:").strip() for ln in lines if not ln.startswith(_TORCH_ADVICE)]
+    cause = [c for c in cause if c]
+    if not cause:  # only advice: keep its first sentence
+        cause = [lines[0].split(". ")[0]] if lines else []
+    text = " ".join(cause).split(". This is an internal")[0]  # miniz's long explanation
+    if "Weights only load failed" in str(e):
+        text = f"not a plain state dict of tensors, refused by the weights-only loader: {text}"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     f = find_checkpoint_file(path)
     try:
@@ -43,7 +61,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             # weights_only: a pickle from the internet must not be able to run code.
             sd = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any reader failure is a bad file for the user
-        raise ThoughtpatchError(f"{f}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise ThoughtpatchError(f"{f}: cannot read checkpoint ({load_failure(e)})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ThoughtpatchError(f"{f}: not a state dict of tensors")
     return {(k.replace(LEGACY_PREFIX, "codi.", 1) if k.startswith(LEGACY_PREFIX) else k): v for k, v in sd.items()}
