@@ -1,6 +1,7 @@
 """Validation checks run on every experiment (DESIGN §3). A check is a finding, not an
-assertion: each reports a value and a verdict (pass / fail / info) and a failure is shown,
-never hidden."""
+assertion: each reports a value and a verdict and a failure is shown, never hidden.
+Verdicts: pass; info (a value without a threshold); warn (the run is valid but describes
+something other than it seems, e.g. a model that does not solve the questions); fail."""
 
 from __future__ import annotations
 
@@ -167,12 +168,22 @@ BASELINE = {
 }
 
 
+# Below this clean accuracy the patching results describe a model that does not solve the
+# questions: the run warns before patching and every report opens with it.
+BASELINE_GATE = 0.5
+
+
 def baseline_from_counts(counts: dict[str, int], n_pairs: int) -> list[dict]:
     out = []
     for name, (units, detail) in BASELINE.items():
         if name in counts:
             d = units * n_pairs
-            out.append(check(name, counts[name] / d, "info", detail.format(k=counts[name], d=d)))
+            value, verdict, text = counts[name] / d, "info", detail.format(k=counts[name], d=d)
+            if name == "baseline_accuracy_clean":
+                verdict = "pass" if value >= BASELINE_GATE else "warn"
+                if verdict == "warn":
+                    text += f", fewer than {BASELINE_GATE:.0%}: the results describe a model that does not solve these questions"
+            out.append(check(name, value, verdict, text))
     return out
 
 
@@ -189,6 +200,7 @@ def baseline_checks(model: CodiModel, pairs_runs: list[PairRuns], max_new_tokens
     ablated = 0
     for r in pairs_runs:
         for ids, gold in ((r.clean_ids, r.pair.clean.answer), (r.corrupted_ids, r.pair.corrupted.answer)):
-            gens, _ = model.generate(model.think(model.encode(ids), zero, record_logits=False), max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+            # decoding within the pair's own limit (its target's: the model's positions may cut it)
+            gens, _ = model.generate(model.think(model.encode(ids), zero, record_logits=False), max_new_tokens=min(max_new_tokens, r.target.max_new_tokens), stop_ids=stop_ids)
             ablated += M.same_answer(gens[0].number, float(gold))
     return baseline_from_counts(counts | {"accuracy_thoughts_zeroed": ablated}, len(pairs_runs))
