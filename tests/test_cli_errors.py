@@ -21,8 +21,8 @@ from thoughtpatch.model.loader import TOY_DIR
         (["inspect", "-q", "x", "--lora-alpha", "nan"], "--lora-alpha must be a positive number, not nan"),
         (["trace", "-q", "x", "--out", "{tmp}/t.safetensors", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1, not 0"),
         (["trace", "-q", "x", "--out", "{tmp}"], "--out {tmp}: is a directory; name the .safetensors file to write"),
-        (["toy", "train", "--out", "{tmp}/o", "--threads", "0"], "--threads must be at least 1, not 0"),
-        (["toy", "train", "--out", "{tmp}/file"], "--out {tmp}/file: is a file, not a directory"),
+        (["toy", "train", "--out", "{tmp}/o", "--threads", "0", "--steps", "1", "--eval-n", "1"], "--threads must be at least 1, not 0"),
+        (["toy", "train", "--out", "{tmp}/file", "--steps", "1", "--eval-n", "1"], "--out {tmp}/file: is a file, not a directory"),
     ],
 )
 def test_bad_options_before_any_model(args, message, tmp_path, monkeypatch, capsys, no_model):  # noqa: F811

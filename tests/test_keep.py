@@ -86,7 +86,7 @@ def test_keep_all_gives_both_analyses_from_one_pass(runs, pairs_file):
     dropped = json.loads((out / "dropped_pairs.json").read_text())
     assert [(d["pair_id"], d["patched"]) for d in dropped] == [(ids[1], True), (ids[3], True)]
     m = json.loads((out / "manifest.json").read_text())
-    assert m["selection"] | {} == {"keep": "all", "same_answer": [], "unpatched": 4, "correct": 2, "wrong": 2, "patched": 4, "dropped": 0}
+    assert m["selection"] == {"keep": "all", "same_answer": [], "unpatched": 4, "correct": 2, "wrong": 2, "patched": 4, "dropped": 0}
 
 
 def test_baseline_gate_warns_on_pairs_the_model_cannot_solve(tmp_path, monkeypatch, capsys):
@@ -99,7 +99,7 @@ def test_baseline_gate_warns_on_pairs_the_model_cannot_solve(tmp_path, monkeypat
     out = tmp_path / "o"
     code, err = cli(monkeypatch, capsys, "layer", "--test-mode", "--pairs", str(path), "--out", str(out), "--wandb", "disabled")
     assert code == 0, err
-    warning = "baseline_accuracy_clean = 0.0 %: 0/5 clean questions answered right (greedy), fewer than 50%: the results describe a model that does not solve these questions"
+    warning = "baseline_accuracy_clean = 0.0 %: 0/5 clean questions answered right (greedy), fewer than half: the results describe a model that does not solve these questions"
     assert err.count("WARNING") == 1 and f"WARNING {warning}" in err
     report = (out / "reports" / "layer_patching.md").read_text().splitlines()
     assert report[0] == "# Layer patching (baseline)" and report[2] == f"> **Warning — {warning}.**"

@@ -242,3 +242,16 @@ def test_report_on_damaged_results_is_one_line(small_run, tmp_path, monkeypatch,
     code, err = cli(monkeypatch, capsys, "report", str(out))
     assert code == 2 and err == f"error: {res}: no rows (the run patched nothing)\n"
     assert not (out / "reports").exists()
+
+
+def test_report_waits_for_no_one(small_run, tmp_path, monkeypatch, capsys):
+    """`report` on a directory a run (or merge) is writing is refused with the holder's pid."""
+    out = shutil.copytree(small_run, tmp_path / "copy")
+    holder = hold_lock(out)
+    try:
+        code, err = cli(monkeypatch, capsys, "report", str(out))
+        assert code == 2 and err == f"error: {out}: in use by another thoughtpatch process (pid {holder.pid}); wait for it to finish\n"
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert not (out / "reports").exists()

@@ -168,8 +168,8 @@ BASELINE = {
 }
 
 
-# Below this clean accuracy the patching results describe a model that does not solve the
-# questions: the run warns before patching and every report opens with it.
+# Below this clean accuracy (half) the patching results describe a model that does not solve
+# the questions: the run warns before patching and every report opens with it.
 BASELINE_GATE = 0.5
 
 
@@ -182,7 +182,7 @@ def baseline_from_counts(counts: dict[str, int], n_pairs: int) -> list[dict]:
             if name == "baseline_accuracy_clean":
                 verdict = "pass" if value >= BASELINE_GATE else "warn"
                 if verdict == "warn":
-                    text += f", fewer than {BASELINE_GATE:.0%}: the results describe a model that does not solve these questions"
+                    text += ", fewer than half: the results describe a model that does not solve these questions"
             out.append(check(name, value, verdict, text))
     return out
 

@@ -153,7 +153,7 @@ class RunData:
         if "correct" not in sel:
             return f"all {n} pairs"
         return (f"all {n} pairs, right or wrong ({sel['correct']} answered right on both sides{dropped_same}; "
-                f"the correct-only summaries are in {exp}/summary_correct.json, the wrong pairs in dropped_pairs.json)")
+                "the correct-only summaries are in summary_correct.json beside each summary.json, the wrong pairs in dropped_pairs.json)")
 
     @property
     def warnings(self) -> list[str]:

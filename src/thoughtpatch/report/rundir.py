@@ -86,7 +86,7 @@ class RunLock:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
                 raise ThoughtpatchError(
-                    f"{self.dir}: in use by another thoughtpatch process (pid {holder}); wait for it to finish or choose another --out"
+                    f"{self.dir}: in use by another thoughtpatch process (pid {holder}); wait for it to finish"
                 ) from None
             # The previous owner may have removed the file between our open and our lock:
             # then we hold a lock on a name nobody else sees; take the current file instead.
