@@ -8,6 +8,7 @@ and `prj.{1,3,ln}.*` for the projection.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -32,22 +33,23 @@ def find_checkpoint_file(path: str | Path) -> Path:
     raise ThoughtpatchError(f"{path}: checkpoint not found")
 
 
-# torch's weights-only refusal wraps the cause in advice (re-run with weights_only=False)
-# that this project never follows: a pickle from the internet must not run code.
-_TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation", "In PyTorch 2.6", "Re-running")
+# torch's weights-only refusal wraps the cause in advice (re-run with weights_only=False,
+# allowlist the global) that this project never follows: a pickle must not run code.
+_ADVICE = re.compile(
+    r"weights_only|Weights only load failed|torch\.serialization|PyTorch 2\.6|will likely succeed|arbitrary code|trust|"
+    r"file an issue|documentation|recommended steps|This is an internal|This can happen if"
+)
 
 
 def load_failure(e: Exception) -> str:
     """The cause of a failed checkpoint read in one line, without torch's advice."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    cause = [ln.removeprefix("WeightsUnpickler error:").strip() for ln in lines if not ln.startswith(_TORCH_ADVICE)]
-    cause = [c for c in cause if c]
-    if not cause:  # only advice: keep its first sentence
-        cause = [lines[0].split(". ")[0]] if lines else []
-    text = " ".join(cause).split(". This is an internal")[0]  # miniz's long explanation
-    if "Weights only load failed" in str(e):
-        text = f"not a plain state dict of tensors, refused by the weights-only loader: {text}"
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # terminal colours
+    sentences = [x.strip() for x in re.split(r"(?<=[.!?])\s+|\n+", text) if x.strip()]
+    cause = [re.sub(r"^(\(\d\)\s*|WeightsUnpickler error:\s*)", "", x) for x in sentences if not _ADVICE.search(x)]
+    cause = " ".join(c for c in cause if c)
+    if "Weights only load failed" in text:
+        cause = f"not a plain state dict of tensors, refused by the weights-only loader: {cause or 'no reason given'}"
+    return f"{type(e).__name__}: {cause}" if cause else type(e).__name__
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
