@@ -129,6 +129,30 @@ def test_merge_refuses(shards, tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "leave out" in r.stderr
 
 
+def test_merge_checks_every_shard_before_writing(shards, tmp_path):
+    """A damaged or foreign shard is named and nothing is written (merge once left a
+    half-merged directory behind)."""
+    s0, s1 = shards
+    bad = shutil.copytree(s1, tmp_path / "torn")
+    res = bad / "iterative" / "results.jsonl"
+    lines = res.read_text().splitlines(keepends=True)
+    res.write_text("".join(lines[:3]) + lines[3][:30] + "\n" + "".join(lines[4:]))
+    out = tmp_path / "m"
+    with pytest.raises(ThoughtpatchError, match=f"{res}, line 4: malformed JSON"):
+        merge_runs([s0, bad], out, log=quiet)
+    assert not out.exists()
+    res.write_text("".join(lines) + lines[0].replace('"pair_id": 1,', '"pair_id": 0,'))  # a row of shard 0's pair
+    with pytest.raises(ThoughtpatchError, match=f"{res}, line {len(lines) + 1}: pair 0 is not among this shard's patched pairs"):
+        merge_runs([s0, bad], out, log=quiet)
+    assert not out.exists()
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ThoughtpatchError, match="not empty and not a thoughtpatch run"):
+        merge_runs([s0, s1], foreign, log=quiet)
+    assert os.listdir(foreign) == ["notes.txt"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,7 +1,11 @@
 """One run: baselines and the activation cache, the experiments, summaries, checks, W&B.
 
-    config → model + pairs → unpatched runs (cache) → layer / position / iterative
+    config + pairs + --out validated → model (pairs checked against it) → lock the run dir
+           → unpatched runs (cache) → keep/drop → layer / position / iterative
            → results.jsonl (pair by pair) + summary.json → checks.json → (reports)
+
+Nothing is loaded before the settings, pairs and --out are checked, and nothing is written
+before the model has accepted every pair.
 """
 
 from __future__ import annotations
@@ -9,17 +13,22 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import platform
 import sys
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from thoughtpatch.data.schema import Pair, atomic_write_text, load_pairs
 from thoughtpatch.errors import ThoughtpatchError
+from thoughtpatch.report.rundir import RunLock, claim_out
 
 EXPERIMENTS = ("layer", "position", "iterative")
+KEEP = ("all", "correct")  # which pairs to patch (patching/selection.py)
 
 
 @dataclass
@@ -38,30 +47,47 @@ class RunConfig:
     lora_alpha: float | None = None
     num_thoughts: int | None = None  # K; default the model's own
     test_mode: bool = False  # first 5 pairs
-    max_new_tokens: int = 256  # CODI's limit
+    max_new_tokens: int | None = None  # greedy decode limit; default the model's own (CODI 256, Coconut 64)
     stop: str = "codi"  # codi: the tokenizer's eos only (as CODI's eval); all: every eos id of the model
     engine: str = "batched"  # or reference
     batch_size: int | None = None  # variants per batch; default all of a pair
+    keep: str = "all"  # all: patch every pair (and summarise the correct ones too); correct: only pairs answered right on both sides
     wandb: str | None = None  # online | offline | disabled; default offline unless a key is set
     resume: bool = False
     report: bool = True
     shard: str | None = None  # "i/n": only the pairs at positions p (after test_mode) with p % n == i
 
     # Settings that change results: a resumed run must match them.
-    RESULT_KEYS = ("model", "base", "pairs", "layers", "thoughts", "direction", "dtype", "lora_alpha", "num_thoughts", "test_mode", "max_new_tokens", "stop", "engine")
+    RESULT_KEYS = ("model", "base", "pairs", "layers", "thoughts", "direction", "dtype", "lora_alpha", "num_thoughts", "test_mode", "max_new_tokens", "stop", "engine", "keep")
 
     def validate(self) -> None:
-        if self.direction not in ("denoising", "noising"):
-            raise ThoughtpatchError(f"direction must be denoising or noising, not '{self.direction}'")
-        if self.stop not in ("codi", "all"):
-            raise ThoughtpatchError(f"stop must be codi or all, not '{self.stop}'")
-        if self.engine not in ("batched", "reference"):
-            raise ThoughtpatchError(f"engine must be batched or reference, not '{self.engine}'")
+        """Types and values of every setting: nothing is loaded or written before this passes."""
+        check_types({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, where="")
+        from thoughtpatch.model.loader import DTYPES
+
+        choices = {"direction": ("denoising", "noising"), "stop": ("codi", "all"), "engine": ("batched", "reference"), "keep": KEEP, "dtype": tuple(DTYPES)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ThoughtpatchError(f"{_flag(name)} must be {' or '.join(allowed)}, not '{getattr(self, name)}'")
         if self.wandb not in (None, "online", "offline", "disabled"):
-            raise ThoughtpatchError(f"wandb must be online, offline or disabled, not '{self.wandb}'")
+            raise ThoughtpatchError(f"--wandb must be online, offline or disabled, not '{self.wandb}'")
+        for name in ("model", "base", "pairs", "out"):
+            v = getattr(self, name)
+            if v is not None and not v.strip():
+                raise ThoughtpatchError(f"{_flag(name)} is empty")
+        if not self.experiments:
+            raise ThoughtpatchError(f"experiments is empty; choose from {', '.join(EXPERIMENTS)}")
         bad = [e for e in self.experiments if e not in EXPERIMENTS]
         if bad:
             raise ThoughtpatchError(f"unknown experiment(s) {bad}; choose from {', '.join(EXPERIMENTS)}")
+        for name in ("max_new_tokens", "num_thoughts", "batch_size"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ThoughtpatchError(f"{_flag(name)} must be at least 1, not {v}")
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ThoughtpatchError(f"--lora-alpha must be a positive number, not {self.lora_alpha}")
+        parse_range_spec(self.layers, "layers")
+        parse_range_spec(self.thoughts, "thoughts")
         if self.shard is not None:
             parse_shard(self.shard)
 
@@ -76,34 +102,81 @@ class RunConfig:
             data = tomllib.loads(p.read_text())
         except FileNotFoundError:
             raise ThoughtpatchError(f"{p}: config file not found") from None
+        except UnicodeDecodeError:
+            raise ThoughtpatchError(f"{p}: not UTF-8 text") from None
         except tomllib.TOMLDecodeError as e:
             raise ThoughtpatchError(f"{p}: malformed TOML: {e}") from None
         names = {f.name for f in dataclasses.fields(RunConfig)}
         unknown = [k for k in data if k.replace("-", "_") not in names]
         if unknown:
             raise ThoughtpatchError(f"{p}: unknown key(s) {', '.join(unknown)}")
-        values = {k.replace("-", "_"): v for k, v in data.items()} | {k: v for k, v in overrides.items() if v is not None}
-        return RunConfig(**values)
+        values = {k.replace("-", "_"): v for k, v in data.items()}
+        check_types(values, where=f"{p}: ")
+        return RunConfig(**(values | {k: v for k, v in overrides.items() if v is not None}))
 
 
-def parse_range(spec: str | None, universe: list, what: str) -> list:
-    """"input,0-3,5" → ["input", 0, 1, 2, 3, 5] (keeping the universe's order)."""
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _shown(v) -> str:
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a table"}.get(type(v), type(v).__name__)
+    return f"{kind} ({v!r})" if not isinstance(v, (list, dict)) else kind
+
+
+def check_types(values: dict, where: str) -> None:
+    """Each setting has its field's type: a string is not a bool or an int, a list is a list
+    (TOML `experiments = "layer"` is refused rather than split into characters)."""
+    hints = typing.get_type_hints(RunConfig)
+    for name, v in values.items():
+        tp = hints[name]
+        optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+        if v is None and optional:
+            continue
+        base = next(a for a in typing.get_args(tp) if a is not type(None)) if optional else tp
+        if typing.get_origin(base) is list:
+            ok, want = isinstance(v, list) and all(isinstance(x, str) for x in v), 'a list of names, e.g. ["layer", "position"]'
+        elif base is bool:
+            ok, want = isinstance(v, bool), "true or false"
+        elif base is int:
+            ok, want = isinstance(v, int) and not isinstance(v, bool), "an integer"
+        elif base is float:
+            ok, want = isinstance(v, (int, float)) and not isinstance(v, bool), "a number"
+        else:
+            ok, want = isinstance(v, base), "a string"
+        if not ok:
+            key = f"key '{name}'" if where else _flag(name)
+            raise ThoughtpatchError(f"{where}{key}: expected {want}, got {_shown(v)}")
+
+
+def parse_range_spec(spec: str | None, what: str) -> set | None:
+    """The syntax of a --layers / --thoughts value, checked without a model: None = all."""
     if spec is None or spec == "all":
-        return list(universe)
-    chosen = set()
+        return None
+    chosen: set = set()
     for part in str(spec).split(","):
         part = part.strip()
         if part == "input":
             chosen.add("input")
         elif "-" in part:
             a, b = part.split("-", 1)
-            if not (a.isdigit() and b.isdigit()):
+            if not (a.isascii() and a.isdigit() and b.isascii() and b.isdigit()):
                 raise ThoughtpatchError(f"--{what}: cannot read '{part}'")
+            if int(a) > int(b):
+                raise ThoughtpatchError(f"--{what}: '{part}' is reversed (write {b}-{a})")
             chosen.update(range(int(a), int(b) + 1))
-        elif part.isdigit():
+        elif part.isascii() and part.isdigit():
             chosen.add(int(part))
         else:
             raise ThoughtpatchError(f"--{what}: cannot read '{part}'")
+    return chosen
+
+
+def parse_range(spec: str | None, universe: list, what: str) -> list:
+    """"input,0-3,5" → ["input", 0, 1, 2, 3, 5] (keeping the universe's order)."""
+    chosen = parse_range_spec(spec, what)
+    if chosen is None:
+        return list(universe)
     missing = chosen - set(universe)
     if missing:
         raise ThoughtpatchError(f"--{what}: {sorted(map(str, missing))} not in this model (have {universe[0]}…{universe[-1]})")
@@ -140,6 +213,90 @@ def default_pairs_path(cfg: RunConfig) -> Path:
     if cfg.model == "toy":
         return TOY_DIR / "pairs.json"
     raise ThoughtpatchError("--pairs is required for a model other than the organism")
+
+
+def input_pairs(cfg: RunConfig, say: Callable[[str], None]) -> tuple[Path, list[Pair], list[Pair], list[Pair]]:
+    """The pairs of this run, read and checked before any model loads: pairs whose two answers
+    are equal are dropped with a warning naming them (nothing to patch towards), then
+    --test-mode takes the first 5, then --shard its share. Returns (the pairs file, the set the
+    shards split, this run's pairs, the pairs dropped for equal answers)."""
+    pairs_path = Path(cfg.pairs) if cfg.pairs else default_pairs_path(cfg)
+    pairs: list[Pair] = load_pairs(pairs_path)
+    same = [p for p in pairs if p.clean.answer == p.corrupted.answer]
+    if same:
+        say(
+            f"warning: {pairs_path}: dropped {len(same)} pair(s) whose clean and corrupted answers are equal "
+            f"(pair ids {', '.join(str(p.pair_id) for p in same)}); `thoughtpatch pairs filter` removes them from the file"
+        )
+        pairs = [p for p in pairs if p.clean.answer != p.corrupted.answer]
+    if cfg.test_mode:
+        pairs = pairs[:5]
+    if not pairs:
+        raise ThoughtpatchError(f"{pairs_path}: no pairs" + (" left once those with equal answers are dropped" if same else ""))
+    full_pairs = pairs
+    if cfg.shard:
+        i, n = parse_shard(cfg.shard)
+        pairs = [p for pos, p in enumerate(full_pairs) if pos % n == i]
+        if not pairs:
+            raise ThoughtpatchError(f"--shard {cfg.shard}: this shard has no pairs ({len(full_pairs)} pairs in {pairs_path})")
+    return pairs_path, full_pairs, pairs, same
+
+
+def max_positions(model) -> int | None:
+    """How many positions the model has (GPT-2's n_positions is aliased to this name)."""
+    return getattr(model.hf.config, "max_position_embeddings", None)
+
+
+def positions_left(model, prompt_len: int) -> int | None:
+    """Positions left after a prompt and its K thoughts: for <eot> and the answer tokens
+    (greedy decoding of n tokens uses n of them). None when the model has no limit."""
+    limit = max_positions(model)
+    return None if limit is None else limit - prompt_len - model.num_thoughts
+
+
+def fit_decode(model, prompt_len: int, max_new_tokens: int, what: str) -> int:
+    """The decode limit for one prompt: refused when the prompt and its thoughts leave no
+    position for an answer, else max_new_tokens or the positions left, whichever is smaller."""
+    room = positions_left(model, prompt_len)
+    if room is None:
+        return max_new_tokens
+    if room < 1:
+        raise ThoughtpatchError(
+            f"{what}: the prompt is {prompt_len} tokens; with {model.num_thoughts} thoughts that leaves no room for an answer in the model's {max_positions(model)} positions"
+        )
+    return min(max_new_tokens, room)
+
+
+def plan_pairs(model, pairs: list[Pair], pairs_path: Path, max_new_tokens: int, stop_ids) -> tuple[dict, int]:
+    """Each pair's two prompts and its target, checked against the loaded model before anything
+    is written: the answers must tokenise apart, and prompt + K thoughts + the longer answer
+    continuation must fit the model's positions. Greedy decoding stops at the model's last
+    position (a pair's decode limit is max_new_tokens or the room left, whichever is smaller).
+    Returns ({pair id: (clean ids, corrupted ids, target)}, how many pairs had their limit cut)."""
+    from thoughtpatch.patching.engine import Target
+
+    limit, k = max_positions(model), model.num_thoughts
+    plans, cut = {}, 0
+    for p in pairs:
+        ids = {"clean": model.prompt_ids(p.clean.question), "corrupted": model.prompt_ids(p.corrupted.question)}
+        try:
+            target = Target.for_answers(model, p.clean.answer, p.corrupted.answer, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+        except ValueError as e:  # e.g. 5 and 5.0 after the template: nothing to patch towards
+            raise ThoughtpatchError(f"{pairs_path}: pair {p.pair_id}: {e}; remove it (thoughtpatch pairs filter)") from None
+        need = max(len(target.clean), len(target.corrupted))  # <eot> + the answer, teacher-forced
+        for side, t in ids.items():
+            room = positions_left(model, len(t))
+            if room is not None and need > room:
+                raise ThoughtpatchError(
+                    f"{pairs_path}: pair {p.pair_id}: the {side} prompt is {len(t)} tokens; with {k} thoughts and the "
+                    f"{need}-token answer it needs {len(t) + k + need} positions, the model has {limit}"
+                )
+        decode = fit_decode(model, max(map(len, ids.values())), max_new_tokens, f"{pairs_path}: pair {p.pair_id}")
+        if decode < max_new_tokens:
+            target = dataclasses.replace(target, max_new_tokens=decode)
+            cut += 1
+        plans[p.pair_id] = (ids["clean"], ids["corrupted"], target)
+    return plans, cut
 
 
 def stop_ids_for(model, policy: str) -> tuple[int, ...]:
@@ -237,9 +394,8 @@ def _run_distributed(cfg: RunConfig, state, progress: bool, log: Callable[[str],
     out = [cfg.out or str(Path("runs") / f"{Path(str(cfg.model)).name}-{time.strftime('%Y%m%d-%H%M%S')}")]
     broadcast_object_list(out)  # one directory for every process (the default name has the time in it)
     root = Path(out[0])
-    if (root / "manifest.json").exists() and not cfg.resume:
-        raise ThoughtpatchError(f"{root} already holds a run; pass --resume to continue it or choose another --out")
     shard_dirs = [root / f"shard-{r}-of-{world}" for r in range(world)]
+    claim_out(root, cfg.resume, allowed=frozenset(d.name for d in shard_dirs))
     shard_cfg = dataclasses.replace(cfg, shard=f"{rank}/{world}", out=str(shard_dirs[rank]), report=False)
     shard_log = say if state.is_main_process else (lambda s: say(f"[rank {rank}] {s}"))
     run_experiments(shard_cfg, progress=progress and state.is_main_process, log=shard_log, device=state.device)
@@ -253,87 +409,104 @@ def _run_distributed(cfg: RunConfig, state, progress: bool, log: Callable[[str],
 def run_experiments(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] | None = None, device=None) -> Path:
     """Run what `cfg` asks for into its run directory; returns the directory. Under
     `accelerate launch` (several processes) the pairs are split across the processes and rank 0
-    merges the shards into the run directory."""
+    merges the shards into the run directory.
+
+    Order: validate (settings, pairs, --out and what a resume continues; no model, no writes)
+    → load the model and check every pair against it → own the directory (lock) → unpatched
+    runs → keep/drop → manifest + cache → experiments, pair by pair → summaries → checks →
+    reports."""
     if cfg.shard is None and (state := distributed_state()) is not None:
         cfg.validate()
         return _run_distributed(cfg, state, progress, log)
-    import torch
+    say = log or (lambda s: print(s, file=sys.stderr))
+    cfg.validate()
+    pairs_path, full_pairs, pairs, same_answer = input_pairs(cfg, say)
+    out = Path(cfg.out) if cfg.out else Path("runs") / f"{Path(str(cfg.model)).name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     from thoughtpatch.model import load_model
     from thoughtpatch.model.checkpoint import find_checkpoint_file
     from thoughtpatch.model.loader import resolve_model
-    from thoughtpatch.patching import checks as C
-    from thoughtpatch.patching.engine import BatchedEngine, Prompt, ReferenceEngine, Target
-    from thoughtpatch.patching.experiments import PairRuns, Spec, all_layers, pair_runs, patch_pair
-    from thoughtpatch.report.cache import load_cache, save_cache
-    from thoughtpatch.report.results import ResultsWriter, read_rows, write_summary
-    from thoughtpatch.report.tracking import Tracker
+    from thoughtpatch.patching.experiments import all_layers
 
-    say = log or (lambda s: print(s, file=sys.stderr))
-    cfg.validate()
-    pairs_path = Path(cfg.pairs) if cfg.pairs else default_pairs_path(cfg)
-    pairs: list[Pair] = load_pairs(pairs_path)
-    if cfg.test_mode:
-        pairs = pairs[:5]
-    if not pairs:
-        raise ThoughtpatchError(f"{pairs_path}: no pairs")
-    full_pairs = pairs
-    shard = parse_shard(cfg.shard) if cfg.shard else None
-    if shard:
-        pairs = [p for pos, p in enumerate(full_pairs) if pos % shard[1] == shard[0]]
-        if not pairs:
-            raise ThoughtpatchError(f"--shard {cfg.shard}: this shard has no pairs ({len(full_pairs)} pairs in {pairs_path})")
     ckpt_path, _ = resolve_model(cfg.model, cfg.base)
+    result_cfg = {k: getattr(cfg, k) for k in RunConfig.RESULT_KEYS} | {"pairs": str(pairs_path)}
+    same_run = {"result_config": result_cfg, "model": sha256_file(find_checkpoint_file(ckpt_path)), "pairs": pairs_sha256(pairs)}
+    check_resume(out, claim_out(out, cfg.resume), same_run)
+
     model = load_model(cfg.model, base=cfg.base, dtype=cfg.dtype, lora_alpha=cfg.lora_alpha, num_thoughts=cfg.num_thoughts, device=device or "cpu")
     layers = parse_range(cfg.layers, all_layers(model), "layers")
     thoughts = parse_range(cfg.thoughts, list(range(model.num_thoughts)), "thoughts")
     k_total = model.num_thoughts
     stop_ids = stop_ids_for(model, cfg.stop)
+    max_new = cfg.max_new_tokens or model.max_new_tokens
+    plans, cut = plan_pairs(model, pairs, pairs_path, max_new, stop_ids)
+    if cut:
+        say(f"note: the model has {max_positions(model)} positions: greedy decoding of {cut} of {len(pairs)} pairs stops at the last one, before --max-new-tokens {max_new}")
 
-    out = Path(cfg.out) if cfg.out else Path("runs") / f"{Path(str(cfg.model)).name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    result_cfg = {k: getattr(cfg, k) for k in RunConfig.RESULT_KEYS} | {"pairs": str(pairs_path)}
     manifest = {
         "config": dataclasses.asdict(cfg) | {"pairs": str(pairs_path), "out": str(out)},
         "result_config": result_cfg,
         "model": {
             "checkpoint": str(ckpt_path),
-            "sha256": sha256_file(find_checkpoint_file(ckpt_path)),
+            "sha256": same_run["model"],
             **{k: v for k, v in model.source.items() if k != "checkpoint"},
             "family": model.family.name,
             "num_layers": model.num_layers,
             "hidden_size": model.hidden_size,
             "num_thoughts": k_total,
+            "max_positions": max_positions(model),
             "answer_template": model.answer_template,
             "stop_ids": list(stop_ids),
+            "max_new_tokens": max_new,
         },
-        "pairs": {"path": str(pairs_path), "sha256": hashlib.sha256(json.dumps([p.to_dict() for p in pairs], sort_keys=True).encode()).hexdigest(), "n": len(pairs), "ids": [p.pair_id for p in pairs]},
+        "pairs": {"path": str(pairs_path), "sha256": same_run["pairs"], "n": len(pairs), "ids": [p.pair_id for p in pairs]},
         # The whole set the shards split (the same as the above when unsharded); merge checks it.
         "full_pairs": {"sha256": pairs_sha256(full_pairs), "n": len(full_pairs), "ids": [p.pair_id for p in full_pairs]},
-        "shard": {"index": shard[0], "count": shard[1]} if shard else None,
+        "shard": {"index": parse_shard(cfg.shard)[0], "count": parse_shard(cfg.shard)[1]} if cfg.shard else None,
         "layers": [str(l) for l in layers],
         "thoughts": thoughts,
         "versions": _versions(),
     }
-    mf = out / "manifest.json"
-    if mf.exists():
-        old = json.loads(mf.read_text())
-        if not cfg.resume:
-            raise ThoughtpatchError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        diff = [k for k in set(old.get("result_config", {})) | set(result_cfg) if old.get("result_config", {}).get(k) != result_cfg.get(k)]
-        if old["model"]["sha256"] != manifest["model"]["sha256"]:
-            diff.append("model weights")
-        if old["pairs"]["sha256"] != manifest["pairs"]["sha256"]:
-            diff.append("pairs content")
-        if diff:
-            raise ThoughtpatchError(f"{out}: cannot resume, the config changed ({', '.join(sorted(diff))})")
-        manifest["started"] = old.get("started")
-        manifest["resumed"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    else:
-        manifest["started"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(mf, json.dumps(manifest, indent=1) + "\n")
-    atomic_write_text(out / "pairs.json", json.dumps([p.to_dict() for p in pairs], indent=1) + "\n")
+    with RunLock(out):
+        # Checked again now that no other process can write here.
+        old = claim_out(out, cfg.resume)
+        check_resume(out, old, same_run)
+        manifest["started"] = old.get("started") if old else time.strftime("%Y-%m-%dT%H:%M:%S")
+        if old:
+            manifest["resumed"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        return _run_locked(cfg, model, pairs, plans, same_answer, layers, thoughts, manifest, out, progress, say)
 
+
+def check_resume(out: Path, old: dict | None, new: dict) -> None:
+    """A resumed run must have the settings that change results, the model weights and the
+    pairs of the run it continues."""
+    if old is None:
+        return
+    old_cfg = {"keep": "all"} | old.get("result_config", {})  # runs from before --keep patched every pair
+    diff = [k for k in set(old_cfg) | set(new["result_config"]) if old_cfg.get(k) != new["result_config"].get(k)]
+    if old["model"].get("sha256") != new["model"]:
+        diff.append("model weights")
+    if old.get("pairs", {}).get("sha256") != new["pairs"]:
+        diff.append("pairs content")
+    if diff:
+        raise ThoughtpatchError(f"{out}: cannot resume, the config changed ({', '.join(sorted(diff))})")
+
+
+def _run_locked(cfg, model, pairs, plans, same_answer, layers, thoughts, manifest, out: Path, progress: bool, say) -> Path:
+    """Everything that writes to the run directory (the caller holds its lock)."""
+    import torch
+
+    from thoughtpatch.patching import checks as C
+    from thoughtpatch.patching.engine import BatchedEngine, Prompt, ReferenceEngine
+    from thoughtpatch.patching.experiments import PairRuns, Spec, patch_pair, unpatched_run
+    from thoughtpatch.patching.selection import select
+    from thoughtpatch.report.cache import load_cache, save_cache
+    from thoughtpatch.report.results import open_results, read_rows, write_summary
+    from thoughtpatch.report.rundata import verdict_counts, warnings_of
+    from thoughtpatch.report.tracking import Tracker
+
+    k_total = model.num_thoughts
+    mf = out / "manifest.json"
     cache_meta = {
         "model": manifest["model"]["sha256"],
         "pairs_sha256": manifest["pairs"]["sha256"],
@@ -341,71 +514,99 @@ def run_experiments(cfg: RunConfig, progress: bool = True, log: Callable[[str], 
         "num_layers": model.num_layers,
         "hidden_size": model.hidden_size,
         "dtype": cfg.dtype,
-        "max_new_tokens": cfg.max_new_tokens,
-        "stop_ids": list(stop_ids),
+        "max_new_tokens": manifest["model"]["max_new_tokens"],
+        "stop_ids": manifest["model"]["stop_ids"],
     }
-    tracker = Tracker(cfg.wandb, out, manifest["config"], name=out.name)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
     def runs_from(clean: dict, corrupted: dict) -> list[PairRuns]:
-        rs = []
-        for p in pairs:
-            target = Target.for_answers(model, p.clean.answer, p.corrupted.answer, max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids)
-            rs.append(PairRuns(p, model.prompt_ids(p.clean.question), Prompt(tuple(model.prompt_ids(p.corrupted.question))), target, clean[p.pair_id], corrupted[p.pair_id]))
-        return rs
+        return [PairRuns(p, plans[p.pair_id][0], Prompt(tuple(plans[p.pair_id][1])), plans[p.pair_id][2], clean[p.pair_id], corrupted[p.pair_id]) for p in pairs]
 
     cache_paths = {role: out / f"{role}_activations.safetensors" for role in ("clean", "corrupted")}
     with Progress(progress) as prog:
         t0 = time.perf_counter()
-        if all(p.exists() for p in cache_paths.values()):
-            cached = {role: load_cache(path, model, cache_meta | {"role": role}) for role, path in cache_paths.items()}
-            runs = runs_from(cached["clean"], cached["corrupted"])
+        cached = all(p.exists() for p in cache_paths.values())
+        if cached:
+            runs = runs_from(*(load_cache(path, model, cache_meta | {"role": role}) for role, path in cache_paths.items()))
         else:
             step = prog.task("unpatched runs (cache)", len(pairs))
             runs = []
             for p in pairs:
-                runs.append(pair_runs(model, p, cfg.max_new_tokens, stop_ids))
+                ci, ri, target = plans[p.pair_id]
+                runs.append(PairRuns(p, ci, Prompt(tuple(ri)), target, unpatched_run(model, ci, target), unpatched_run(model, ri, target)))
                 step()
+        timings["unpatched_runs"] = time.perf_counter() - t0
+
+        patched, right, wrong = select(model, runs, cfg.keep)
+        if not patched:
+            raise ThoughtpatchError(
+                f"--keep correct: the model answers none of the {len(runs)} pairs right on both sides; nothing to patch (--keep all patches them anyway)"
+            )
+        dropped = [{"pair_id": p.pair_id, "reason": f"same answer ({p.clean.answer})", "patched": False} for p in same_answer]
+        dropped += [{**w, "reason": "answered wrong", "patched": cfg.keep == "all"} for w in wrong]
+        manifest["selection"] = {
+            "keep": cfg.keep,
+            "same_answer": [p.pair_id for p in same_answer],
+            "unpatched": len(runs),
+            "correct": len(right),
+            "wrong": len(wrong),
+            "patched": len(patched),
+            "dropped": len(same_answer) + (len(wrong) if cfg.keep == "correct" else 0),
+        }
+        exps = [e for e in EXPERIMENTS if e in cfg.experiments]
+        cells = {"layer": [(l,) for l in layers], "position": [(l, k) for k in thoughts for l in layers], "iterative": [(l, i) for i in range(k_total) for l in layers]}
+        # What a resumed run holds is checked (and a torn pair dropped) before anything is written.
+        writers, done = open_results({e: out / e / "results.jsonl" for e in exps}, {e: cells[e] for e in exps}, [r.pair.pair_id for r in patched], cfg.direction)
+        # The first outputs: a directory holding a manifest is a run that --resume continues.
+        atomic_write_text(mf, json.dumps(manifest, indent=1) + "\n")
+        atomic_write_text(out / "pairs.json", json.dumps([p.to_dict() for p in pairs], indent=1) + "\n")
+        atomic_write_text(out / "dropped_pairs.json", json.dumps(dropped, indent=1) + "\n")
+        if not cached:
             for role, path in cache_paths.items():
                 save_cache(path, {r.pair.pair_id: (getattr(r, f"{role}_ids"), getattr(r, role)) for r in runs}, cache_meta | {"role": role})
-        timings["unpatched_runs"] = time.perf_counter() - t0
-        base_checks = C.baseline_checks(model, runs, cfg.max_new_tokens, stop_ids)
+        tracker = Tracker(cfg.wandb, out, manifest["config"], name=out.name)
+
+        base_checks = C.baseline_checks(model, runs, manifest["model"]["max_new_tokens"], manifest["model"]["stop_ids"])
         acc = {c["name"]: c["value"] for c in base_checks}
         say(
             f"baseline: clean {acc['baseline_accuracy_clean']:.1%}, corrupted {acc['baseline_accuracy_corrupted']:.1%}, "
-            f"thoughts zeroed {acc['accuracy_thoughts_zeroed']:.1%} ({len(pairs)} pairs)"
+            f"thoughts zeroed {acc['accuracy_thoughts_zeroed']:.1%} ({len(pairs)} pairs); "
+            f"{len(right)} answered right on both sides, patching {'all ' if cfg.keep == 'all' else 'those '}{len(patched)}"
         )
+        for w in warnings_of(base_checks):
+            say(f"\n{'!' * 78}\nWARNING {w}\n{'!' * 78}\n")
 
         engine = BatchedEngine(model, cfg.batch_size) if cfg.engine == "batched" else ReferenceEngine(model)
-        per_pair = {"layer": len(layers), "position": len(layers) * len(thoughts), "iterative": len(layers) * k_total}
-        exps = [e for e in EXPERIMENTS if e in cfg.experiments]
         # The experiments reuse the activation cache from disk, after checking it is this run's.
-        cached = {role: load_cache(path, model, cache_meta | {"role": role}) for role, path in cache_paths.items()}
-        runs = runs_from(cached["clean"], cached["corrupted"])
-        writers = {e: ResultsWriter(out / e / "results.jsonl", per_pair[e]) for e in exps}
-        todo = [r for r in runs if any(r.pair.pair_id not in w.done for w in writers.values())]
+        by_id = {r.pair.pair_id: r for r in runs_from(*(load_cache(path, model, cache_meta | {"role": role}) for role, path in cache_paths.items()))}
+        patched = [by_id[r.pair.pair_id] for r in patched]
+        todo = [r for r in patched if r.pair.pair_id not in done]
         t0 = time.perf_counter()
-        step = prog.task(f"patching ({', '.join(exps)})", len(runs), done=len(runs) - len(todo))
+        step = prog.task(f"patching ({', '.join(exps)})", len(patched), done=len(patched) - len(todo))
         for r in todo:
-            # One engine call per pair for every experiment still missing: a single pass.
-            missing = [e for e in exps if r.pair.pair_id not in writers[e].done]
-            rows = patch_pair(engine, r, missing, Spec("resid", tuple(layers), tuple(thoughts), cfg.direction))
-            for e in missing:
+            # One engine call per pair for every experiment: a single pass, and the same batch
+            # whether the run was interrupted or not (a pair is done only when all are written).
+            rows = patch_pair(engine, r, exps, Spec("resid", tuple(layers), tuple(thoughts), cfg.direction))
+            for e in exps:
                 writers[e].write_pair(rows[e])
                 tracker.log_pair(rows[e])
             step()
         timings["patching"] = time.perf_counter() - t0
         results: dict[str, list[dict]] = {}
+        right_ids = {r.pair.pair_id for r in right}
         for exp in exps:
-            results[exp] = read_rows(writers[exp].path)
-            doc = write_summary(out / exp / "summary.json", results[exp], exp, {"direction": cfg.direction, "model": manifest["model"]["checkpoint"]})
+            results[exp] = read_rows(writers[exp].path, exp)
+            extra = {"direction": cfg.direction, "model": manifest["model"]["checkpoint"]}
+            doc = write_summary(out / exp / "summary.json", results[exp], exp, extra | {"pair_set": cfg.keep})
+            if cfg.keep == "all":  # the correct-only analysis from the same rows: no second model pass
+                write_summary(out / exp / "summary_correct.json", [r for r in results[exp] if r["pair_id"] in right_ids], exp, extra | {"pair_set": "correct"})
             tracker.log_summary(exp, doc["cells"])
 
         t0 = time.perf_counter()
         checks = list(base_checks)
-        checks += C.self_patch_checks(model, runs[0], cfg.direction)
-        checks += C.all_sites_check(model, runs[0], cfg.direction)
+        checks += C.self_patch_checks(model, patched[0], cfg.direction)
+        checks += C.all_sites_check(model, patched[0], cfg.direction)
         if "position" in results and "layer" in results:
             checks += C.grid_checks(results["position"], results["layer"], cfg.direction)
         if "iterative" in results and "position" in results:
@@ -424,7 +625,6 @@ def run_experiments(cfg: RunConfig, progress: bool = True, log: Callable[[str], 
         from thoughtpatch.report.markdown import write_reports
 
         write_reports(out)
-    failed = [c["name"] for c in checks if c["verdict"] == "fail"]
-    say(f"checks: {sum(c['verdict'] == 'pass' for c in checks)} pass, {len(failed)} fail{' (' + ', '.join(failed) + ')' if failed else ''}, {sum(c['verdict'] == 'info' for c in checks)} info")
+    say(f"checks: {verdict_counts(checks)}")
     say(f"wrote {out} in {timings['total']:.1f} s")
     return out

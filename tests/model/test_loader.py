@@ -129,8 +129,21 @@ def test_pickle_with_code_is_refused(tmp_path, tiny):
 
     (ckpt / "pytorch_model.bin").unlink()
     torch.save({"x": Evil()}, ckpt / "pytorch_model.bin")
-    with pytest.raises(ThoughtpatchError, match="cannot read checkpoint"):
+    with pytest.raises(ThoughtpatchError, match="cannot read checkpoint") as e:
         load_model(ckpt, base=base)
+    # One line with the real cause (the global it refers to), not torch's advice to load it
+    # with weights_only=False — advice this project never follows.
+    msg = str(e.value)
+    assert "\n" not in msg and "GLOBAL print" in msg and "weights_only" not in msg, msg
+
+
+def test_damaged_checkpoint_names_the_cause(tmp_path, tiny):
+    ckpt, base = _copy(tiny, tmp_path)
+    data = (ckpt / "pytorch_model.bin").read_bytes()
+    (ckpt / "pytorch_model.bin").write_bytes(data[: len(data) // 2])  # a torn download
+    with pytest.raises(ThoughtpatchError, match=r"pytorch_model.bin: cannot read checkpoint \(RuntimeError: .*zip archive") as e:
+        load_model(ckpt, base=base)
+    assert "\n" not in str(e.value)
 
 
 def test_cli_error_is_one_line(tiny, tmp_path):

@@ -57,11 +57,14 @@ def test_eval_cli_json():
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["n"] == 9
-    assert set(res["accuracy"]) == {"with_thoughts", "thoughts_zeroed", "thoughts_mean", "no_thoughts", "cot"}
+    assert set(res["accuracy"]) == {"with_thoughts", "thoughts_zeroed", "thoughts_mean", "thoughts_resample", "no_thoughts", "cot"}
     for v in res["accuracy"].values():
         assert 0 <= v["all"] <= 1 and set(v["steps"]) == {"1", "2", "3"}
+    # one thought at a time, each ablation: K accuracies per row
+    assert set(res["per_thought"]) == {"zero", "mean", "resample"}
+    assert all(len(v) == 6 and all(0 <= a <= 1 for a in v) for v in res["per_thought"].values())
     # A pairs file: both questions of each pair.
-    r = CliRunner().invoke(app, ["eval", "--model", "toy", "--pairs", str(TOY_DIR / "pairs.json"), "--n", "4", "--json"])
+    r = CliRunner().invoke(app, ["eval", "--model", "toy", "--pairs", str(TOY_DIR / "pairs.json"), "--n", "4", "--json", "--no-per-thought"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout.strip().splitlines()[-1])["n"] == 4
 

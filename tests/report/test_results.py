@@ -1,11 +1,14 @@
-"""results.jsonl: a torn last line or an incomplete pair is dropped on resume."""
+"""results.jsonl: a torn last line or an incomplete pair is dropped on resume; a foreign line is named."""
 
 from __future__ import annotations
 
 import json
 import math
 
-from thoughtpatch.report.results import ResultsWriter, read_rows, summarize
+import pytest
+
+from thoughtpatch.errors import ThoughtpatchError
+from thoughtpatch.report.results import open_results, read_rows, summarize
 
 
 def _row(pid, layer, kl):
@@ -14,14 +17,55 @@ def _row(pid, layer, kl):
 
 
 def test_torn_and_partial_pairs_are_dropped(tmp_path):
-    p = tmp_path / "results.jsonl"
-    w = ResultsWriter(p, rows_per_pair=2)
-    w.write_pair([_row(0, 0, 1.0), _row(0, 1, 2.0)])
-    with open(p, "a") as f:  # pair 1 half written, then a torn line
+    paths = {"layer": tmp_path / "layer.jsonl"}
+    cells = {"layer": [(0,), (1,)]}
+    writers, done = open_results(paths, cells, [0, 1], "denoising")
+    assert done == set()
+    writers["layer"].write_pair([_row(0, 0, 1.0), _row(0, 1, 2.0)])
+    with open(paths["layer"], "a") as f:  # pair 1 half written, then a torn line
         f.write(json.dumps(_row(1, 0, 3.0)) + "\n" + '{"pair_id": 1, "lay')
-    w2 = ResultsWriter(p, rows_per_pair=2)
-    assert w2.done == {0}
-    assert [r["pair_id"] for r in read_rows(p)] == [0, 0]
+    _, done = open_results(paths, cells, [0, 1], "denoising")
+    assert done == {0}
+    assert [r["pair_id"] for r in read_rows(paths["layer"])] == [0, 0]
+
+
+def test_a_pair_is_done_only_in_every_experiment(tmp_path):
+    """Pair 0 complete in `layer` but missing from `position`: it is dropped from both, so it
+    reruns whole (in the same batch as an uninterrupted run)."""
+    paths = {"layer": tmp_path / "layer.jsonl", "position": tmp_path / "position.jsonl"}
+    cells = {"layer": [(0,)], "position": [(0, 0)]}
+    writers, _ = open_results(paths, cells, [0, 1], "denoising")
+    pos = lambda pid: {**_row(pid, 0, 1.0), "experiment": "position", "thought": 0}  # noqa: E731
+    writers["layer"].write_pair([_row(0, 0, 1.0)])
+    writers["position"].write_pair([pos(0)])
+    writers["layer"].write_pair([_row(1, 0, 1.0)])  # killed before pair 1's position rows
+    _, done = open_results(paths, cells, [0, 1], "denoising")
+    assert done == {0}
+    assert [r["pair_id"] for r in read_rows(paths["layer"])] == [0]
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("not json", "line 2: malformed JSON"),
+        ("[1, 2]", "line 2: expected an object"),
+        (json.dumps({"layer": 0}), "line 2: field 'pair_id'"),
+        (json.dumps(_row(7, 0, 1.0)), "line 2: pair 7 is not in this run's pairs"),
+        (json.dumps(_row(0, 5, 1.0)), r"line 2: cell \(5,\) is not among"),
+        (json.dumps(_row(0, 0, 1.0)), "line 2: pair 0, cell \\(0,\\) written twice"),
+        (json.dumps({**_row(0, 1, 1.0), "direction": "noising"}), "line 2: direction 'noising'"),
+    ],
+)
+def test_foreign_lines_are_named(tmp_path, line, message):
+    """A line that is not this run's (anywhere but a torn tail) is an error naming file and
+    line, for --resume as for `report` and `merge` (which read with read_rows)."""
+    p = tmp_path / "layer.jsonl"
+    p.write_text(json.dumps(_row(0, 0, 1.0)) + "\n" + line + "\n" + json.dumps(_row(0, 1, 1.0)) + "\n")
+    with pytest.raises(ThoughtpatchError, match=f"{p}, {message}"):
+        open_results({"layer": p}, {"layer": [(0,), (1,)]}, [0], "denoising")
+    if "JSON" in message or "object" in message or "pair_id" in message:
+        with pytest.raises(ThoughtpatchError, match=f"{p}, {message}"):
+            read_rows(p, "layer")
 
 
 def test_summary_stats_and_nan(tmp_path):

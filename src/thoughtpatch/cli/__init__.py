@@ -29,9 +29,21 @@ from thoughtpatch.cli import toy as _toy  # noqa: E402,F401
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit status 2."""
+    """Entry point: expected faults — bad input (ThoughtpatchError) and the file system's
+    (OSError: read-only, full disk, a directory where a file goes, ...) — become one line on
+    stderr and exit status 2. Anything else is a bug and keeps its traceback."""
     try:
         app()
     except ThoughtpatchError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        print(f"error: {os_error(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def os_error(e: OSError) -> str:
+    """'PATH: cause' for an OSError (both paths of a failed rename)."""
+    where = ", ".join(str(f) for f in (e.filename, e.filename2) if f)
+    cause = e.strerror or str(e) or type(e).__name__
+    return f"{where}: {cause}" if where else cause

@@ -40,8 +40,9 @@ def eval_cmd(
     from thoughtpatch.model.evaluate import CONDITIONS, evaluate, problems_from_heldout, problems_from_pairs, spread
     from thoughtpatch.model.loader import resolve_model
 
-    if batch < 1:
-        raise ThoughtpatchError("--batch must be at least 1")
+    from thoughtpatch.cli.model import check_options
+
+    check_options(dtype, batch=batch, n=n, max_new_tokens=max_new_tokens)
     ckpt_path, _ = resolve_model(model, base)
     sidecar = read_sidecar(ckpt_path)
     organism = bool(sidecar.get("organism"))
@@ -55,6 +56,8 @@ def eval_cmd(
     else:
         raise ThoughtpatchError("no default evaluation set for this model; pass --pairs FILE")
     problems = spread(problems, n)
+    if not problems:
+        raise ThoughtpatchError(f"{pairs}: no pairs to evaluate")
     conditions = CONDITIONS if organism else CONDITIONS[:5]
     m = load_model(model, base=base, dtype=dtype)
     mnt = max_new_tokens or (32 if organism else None)  # None: the family's own limit

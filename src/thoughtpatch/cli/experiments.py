@@ -24,6 +24,7 @@ def _register(name: str, experiments: list[str], doc: str) -> None:
         wandb: str = typer.Option(None, "--wandb", help="online | offline | disabled (default offline unless a key is set)."),
         dtype: str = typer.Option(None, "--dtype", help="float32 (default) or bfloat16."),
         batch_size: int = typer.Option(None, "--batch-size", help="Variants per batch (default: all of a pair; halves on CUDA OOM)."),
+        keep: str = typer.Option(None, "--keep", help="all (default): patch every pair and also summarise the correct ones; correct: patch only pairs the model answers right on both sides."),
         max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Greedy decode limit (CODI: 256)."),
         stop: str = typer.Option(None, "--stop", help="codi: stop at the tokenizer's eos as CODI's eval; all: at any eos id of the model."),
         engine: str = typer.Option(None, "--engine", help="batched (default) or reference (one variant at a time)."),

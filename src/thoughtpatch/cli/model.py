@@ -12,16 +12,38 @@ MODEL_HELP = "CODI checkpoint dir or file (pytorch_model.bin / model.safetensors
 BASE_HELP = "Base model dir (config + tokenizer), or a hub id when online; default: beside the checkpoint."
 
 
-def _load(model: str, base: str | None, dtype: str, thoughts: int | None, lora_alpha: float | None):
+def check_options(dtype: str, lora_alpha: float | None = None, **at_least_1: int | None) -> None:
+    """The options every model command shares, checked before anything loads."""
+    import math
+
     from thoughtpatch.errors import ThoughtpatchError
-    from thoughtpatch.model import load_model
     from thoughtpatch.model.loader import DTYPES
 
     if dtype not in DTYPES:
         raise ThoughtpatchError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype}'")
+    if lora_alpha is not None and not (math.isfinite(lora_alpha) and lora_alpha > 0):
+        raise ThoughtpatchError(f"--lora-alpha must be a positive number, not {lora_alpha}")
+    for name, v in at_least_1.items():
+        if v is not None and v < 1:
+            raise ThoughtpatchError(f"--{name.replace('_', '-')} must be at least 1, not {v}")
+
+
+def _load(model: str, base: str | None, dtype: str, thoughts: int | None, lora_alpha: float | None, **at_least_1: int | None):
+    from thoughtpatch.errors import ThoughtpatchError
+    from thoughtpatch.model import load_model
+
+    check_options(dtype, lora_alpha, **at_least_1)
     if thoughts is not None and thoughts < 0:
         raise ThoughtpatchError("--thoughts must be ≥ 0")
     return load_model(model, base=base, dtype=dtype, num_thoughts=thoughts, lora_alpha=lora_alpha)
+
+
+def _prompt(m, question: str, max_new_tokens: int) -> tuple[list[int], int]:
+    """The prompt's ids and a decode limit that stays within the model's positions."""
+    from thoughtpatch.run import fit_decode
+
+    ids = m.prompt_ids(question)
+    return ids, fit_decode(m, len(ids), max_new_tokens, "--question")
 
 
 @app.command("trace")
@@ -44,10 +66,15 @@ def trace_cmd(
     import torch
     from safetensors.torch import save_file
 
-    m = _load(model, base, dtype, thoughts, lora_alpha)
-    ids = m.prompt_ids(question)
+    from thoughtpatch.data.schema import atomic_path
+    from thoughtpatch.errors import ThoughtpatchError
+
+    if out.is_dir():
+        raise ThoughtpatchError(f"--out {out}: is a directory; name the .safetensors file to write")
+    m = _load(model, base, dtype, thoughts, lora_alpha, max_new_tokens=max_new_tokens)
+    ids, limit = _prompt(m, question, max_new_tokens)
     st = m.think(m.encode(ids))
-    gens, first = m.generate(st, max_new_tokens=max_new_tokens)
+    gens, first = m.generate(st, max_new_tokens=limit)
     k = st.step
     tensors = {
         "input_ids": torch.tensor(ids),
@@ -57,10 +84,8 @@ def trace_cmd(
         "answer_token_ids": torch.tensor(gens[0].token_ids, dtype=torch.long),
     }
     meta = {k2: str(v) for k2, v in m.source.items()} | {"question": question, "num_thoughts": str(k), "answer_text": gens[0].text}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, str(tmp), metadata=meta)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, str(tmp), metadata=meta)
     print(f"answer: {gens[0].text!r}")
     print(f"number: {gens[0].number:g}")
     print(f"wrote {out}")
@@ -84,9 +109,10 @@ def inspect_cmd(
 
     from thoughtpatch.model.lens import probe_top_k, token_label
 
-    m = _load(model, base, dtype, thoughts, lora_alpha)
-    st = m.think(m.encode(m.prompt_ids(question)))
-    gens, _ = m.generate(st, max_new_tokens=max_new_tokens)
+    m = _load(model, base, dtype, thoughts, lora_alpha, top=top, max_new_tokens=max_new_tokens)
+    ids, limit = _prompt(m, question, max_new_tokens)
+    st = m.think(m.encode(ids))
+    gens, _ = m.generate(st, max_new_tokens=limit)
     ids, probs = probe_top_k(m, st, k=top)
     table = Table(title=f"logit lens — {Path(str(m.source['checkpoint'])).name}, K = {st.step}")
     table.add_column("position", style="bold")

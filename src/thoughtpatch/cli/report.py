@@ -18,8 +18,13 @@ def report_cmd(
     """Rebuild figures/, reports/*.md, the research-journal entry and DATA_INVENTORY.md from results.
 
     The same results give the same files, byte for byte; a run's journal entry is replaced, not duplicated."""
+    from thoughtpatch.errors import ThoughtpatchError
     from thoughtpatch.report.markdown import write_reports
+    from thoughtpatch.report.rundir import RunLock
 
-    written = write_reports(run_dir, journal=journal)
+    if not run_dir.is_dir():
+        raise ThoughtpatchError(f"run directory '{run_dir}' not found")
+    with RunLock(run_dir):  # not while a run or merge is writing there
+        written = write_reports(run_dir, journal=journal)
     for p in written:
         typer.echo(str(p))

@@ -31,6 +31,11 @@ def train_cmd(
     from thoughtpatch.errors import ThoughtpatchError
     from thoughtpatch.model.organism.train import TrainConfig, steps_for_minutes, train
 
+    from thoughtpatch.cli.model import check_options
+
+    check_options("float32", threads=threads, eval_n=eval_n)
+    if out.exists() and not out.is_dir():
+        raise ThoughtpatchError(f"--out {out}: is a file, not a directory")
     cfg = TrainConfig(seed=seed, threads=threads)
     if steps is not None:
         cfg.steps = steps

@@ -6,12 +6,13 @@ differ. `meta` holds provenance (source index, changed number, CoT, ...).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from thoughtpatch.errors import ThoughtpatchError
 
@@ -171,20 +172,32 @@ def read_text(path: str | Path) -> str:
         raise ThoughtpatchError(f"{path}: not UTF-8 text") from None
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write to a temporary file and rename it into place: never a half-written output."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary name beside `path` to write to; renamed onto `path` when the block ends
+    without an error, removed when it fails: never a half-written output under the real name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        yield Path(tmp)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:  # name the output, not the temporary file
+            raise OSError(e.errno, e.strerror, str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write to a temporary file and rename it into place: never a half-written output."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def save_pairs(pairs: list[Pair], path: str | Path) -> None:

@@ -10,6 +10,7 @@ and `prj.{1,3,ln}.*` for the projection. Coconut's follow its `Coconut` module:
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -42,6 +43,25 @@ def find_checkpoint_file(path: str | Path) -> Path:
     raise ThoughtpatchError(f"{path}: checkpoint not found")
 
 
+# torch's weights-only refusal wraps the cause in advice (re-run with weights_only=False,
+# allowlist the global) that this project never follows: a pickle must not run code.
+_ADVICE = re.compile(
+    r"weights_only|Weights only load failed|torch\.serialization|PyTorch 2\.6|will likely succeed|arbitrary code|trust|"
+    r"file an issue|documentation|recommended steps|This is an internal|This can happen if"
+)
+
+
+def load_failure(e: Exception) -> str:
+    """The cause of a failed checkpoint read in one line, without torch's advice."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # terminal colours
+    sentences = [x.strip() for x in re.split(r"(?<=[.!?])\s+|\n+", text) if x.strip()]
+    cause = [re.sub(r"^(\(\d\)\s*|WeightsUnpickler error:\s*)", "", x) for x in sentences if not _ADVICE.search(x)]
+    cause = " ".join(c for c in cause if c)
+    if "Weights only load failed" in text:
+        cause = f"not a plain state dict of tensors, refused by the weights-only loader: {cause or 'no reason given'}"
+    return f"{type(e).__name__}: {cause}" if cause else type(e).__name__
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     f = find_checkpoint_file(path)
     try:
@@ -53,7 +73,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             # weights_only: a pickle from the internet must not be able to run code.
             sd = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any reader failure is a bad file for the user
-        raise ThoughtpatchError(f"{f}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise ThoughtpatchError(f"{f}: cannot read checkpoint ({load_failure(e)})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ThoughtpatchError(f"{f}: not a state dict of tensors")
     return {(k.replace(LEGACY_PREFIX, "codi.", 1) if k.startswith(LEGACY_PREFIX) else k): v for k, v in sd.items()}

@@ -1,6 +1,7 @@
 """Validation checks run on every experiment (DESIGN §3). A check is a finding, not an
-assertion: each reports a value and a verdict (pass / fail / info) and a failure is shown,
-never hidden."""
+assertion: each reports a value and a verdict and a failure is shown, never hidden.
+Verdicts: pass; info (a value without a threshold); warn (the run is valid but describes
+something other than it seems, e.g. a model that does not solve the questions); fail."""
 
 from __future__ import annotations
 
@@ -175,12 +176,22 @@ BASELINE = {
 }
 
 
+# Below this clean accuracy (half) the patching results describe a model that does not solve
+# the questions: the run warns before patching and every report opens with it.
+BASELINE_GATE = 0.5
+
+
 def baseline_from_counts(counts: dict[str, int], n_pairs: int) -> list[dict]:
     out = []
     for name, (units, detail) in BASELINE.items():
         if name in counts:
             d = units * n_pairs
-            out.append(check(name, counts[name] / d, "info", detail.format(k=counts[name], d=d)))
+            value, verdict, text = counts[name] / d, "info", detail.format(k=counts[name], d=d)
+            if name == "baseline_accuracy_clean":
+                verdict = "pass" if value >= BASELINE_GATE else "warn"
+                if verdict == "warn":
+                    text += ", fewer than half: the results describe a model that does not solve these questions"
+            out.append(check(name, value, verdict, text))
     return out
 
 
@@ -197,6 +208,8 @@ def baseline_checks(model: ThoughtModel, pairs_runs: list[PairRuns], max_new_tok
     ablated = 0
     for r in pairs_runs:
         for ids, gold in ((r.clean_ids, r.pair.clean.answer), (r.corrupted_ids, r.pair.corrupted.answer)):
-            gens, _ = model.generate(model.think(model.encode(ids), zero, record_logits=False), max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+            # decoding within the pair's own limit (its target's: the model's positions may cut it)
+            limits = [x for x in (max_new_tokens, r.target.max_new_tokens) if x is not None]
+            gens, _ = model.generate(model.think(model.encode(ids), zero, record_logits=False), max_new_tokens=min(limits) if limits else None, stop_ids=stop_ids)
             ablated += model.correct(gens[0], gold)
     return baseline_from_counts(counts | {"accuracy_thoughts_zeroed": ablated}, len(pairs_runs))

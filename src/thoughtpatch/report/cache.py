@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from thoughtpatch.data.schema import atomic_path
 from thoughtpatch.errors import ThoughtpatchError
 from thoughtpatch.model.runtime import ThoughtModel
 from thoughtpatch.patching.engine import Readout
@@ -29,10 +30,8 @@ def save_cache(path: Path, runs: dict[int, tuple[list[int], Readout]], meta: dic
         tensors[f"p{pid}.decision_logits"] = ro.decision_logits.contiguous()
         tensors[f"p{pid}.logprobs"] = torch.tensor([ro.logprob_clean, ro.logprob_corrupted], dtype=torch.float64)
         tensors[f"p{pid}.answer_ids"] = torch.tensor(ro.answer.token_ids, dtype=torch.long)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"thoughtpatch": json.dumps(meta | {"pair_ids": sorted(runs)})})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"thoughtpatch": json.dumps(meta | {"pair_ids": sorted(runs)})})
 
 
 def open_cache(path: Path):

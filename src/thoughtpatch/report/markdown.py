@@ -21,7 +21,8 @@ from thoughtpatch.data.schema import atomic_write_text
 from thoughtpatch.report.figures import write_figures
 from thoughtpatch.report.intervals import METHODS, SHORT_METHODS, wilson
 from thoughtpatch.report.results import CELL_KEYS
-from thoughtpatch.report.rundata import ACTIVATION_METRICS, LABELS, MAIN_METRICS, SHORT, RunData, layer_key, load_run
+from thoughtpatch.report.rundata import ACTIVATION_METRICS, LABELS, MAIN_METRICS, SHORT, RunData, layer_key, load_run, verdict_counts
+from thoughtpatch.report.rundir import LOCK_NAME
 
 REPORT_FILES = {"position": "position_patching.md", "iterative": "iterative_patching.md", "layer": "layer_patching.md"}
 TITLES = {
@@ -147,11 +148,12 @@ def methodology(data: RunData, exp: str) -> str:
 def checklist(data: RunData) -> str:
     if not data.checks:
         return "## Validation checklist\n\nNo checks.json in this run.\n"
-    n = {v: sum(c["verdict"] == v for c in data.checks) for v in ("pass", "fail", "info")}
-    rows = [[i + 1, f"`{c['name']}`", num(c["value"], 4), ("**FAIL**" if c["verdict"] == "fail" else c["verdict"]), c.get("detail", "")] for i, c in enumerate(data.checks)]
+    shown = {"fail": "**FAIL**", "warn": "**WARN**"}
+    rows = [[i + 1, f"`{c['name']}`", num(c["value"], 4), shown.get(c["verdict"], c["verdict"]), c.get("detail", "")] for i, c in enumerate(data.checks)]
     return (
         "## Validation checklist\n\n"
-        f"{n['pass']} pass, {n['fail']} fail, {n['info']} info (a check is a finding: `info` reports a value without a threshold; a fail is shown, not hidden).\n\n"
+        f"{verdict_counts(data.checks)} (a check is a finding: `info` reports a value without a threshold; `warn` means the results "
+        "describe something other than they seem; a fail is shown, not hidden).\n\n"
         + table(["#", "check", "value", "verdict", "detail"], rows)
     )
 
@@ -356,13 +358,22 @@ HOW_TO_READ = {
 }
 
 
+def warning_lines(data: RunData) -> str:
+    """The `warn` checks as a block quote: a report on a model that cannot solve its
+    questions says so before anything else."""
+    return "".join(f"> **Warning — {w}.**\n\n" for w in data.warnings)
+
+
 def report(data: RunData, exp: str, figs: dict[str, list[Path]]) -> str:
     png = [p for p in figs.get(exp, []) if p.suffix == ".png"]
     html_pages = [p for p in figs.get(exp, []) if p.suffix == ".html"]
     png += figs.get("comparison", [])
     head = (
-        f"# {TITLES[exp]}\n\nRun `{data.run_dir.name}` · model `{data.model_name}` · {data.n_pairs(exp)} pairs · "
+        f"# {TITLES[exp]}\n\n"
+        + warning_lines(data)
+        + f"Run `{data.run_dir.name}` · model `{data.model_name}` · {data.n_pairs(exp)} pairs · "
         f"{data.direction} · L = {data.manifest.get('model', {}).get('num_layers', '?')}, K = {data.num_thoughts}\n\n"
+        f"Pairs covered: {data.pair_set(exp)}.\n\n"
         f"How to read it: {HOW_TO_READ[exp]}\n\n"
         + "".join("Other reports: " + ", ".join(f"[{TITLES[e]}]({REPORT_FILES[e]})" for e in others) + "\n" for others in [[e for e in data.experiments if e != exp]] if others)
     )
@@ -386,12 +397,11 @@ def journal_entry(data: RunData) -> str:
     date = str(mf.get("finished") or mf.get("started") or "undated")[:10]
     n = data.n_pairs(data.experiments[0])
     lines = [f"## {date} · {data.run_dir.name} · {data.model_name} · {n} pairs · {data.direction}", f"<!-- entry: {data.run_id} -->", ""]
+    lines += [f"* **Warning — {w}.**" for w in data.warnings]
+    lines.append(f"* Pairs covered: {data.pair_set(data.experiments[0])}.")
     lines += baseline_lines(data)
     if data.checks:
-        fails = [c["name"] for c in data.checks if c["verdict"] == "fail"]
-        npass = sum(c["verdict"] == "pass" for c in data.checks)
-        ninfo = sum(c["verdict"] == "info" for c in data.checks)
-        lines.append(f"* Checks: {npass} pass, {len(fails)} fail{' (' + ', '.join(fails) + ')' if fails else ''}, {ninfo} info.")
+        lines.append(f"* Checks: {verdict_counts(data.checks)}.")
     if "position" in data.rows:
         for metric in ("kl", "recovered"):
             top = ranked(data, "position", metric, 3)
@@ -449,7 +459,8 @@ def describe(rel: str) -> str:
     fixed = {
         "manifest.json": "run configuration, model and pairs hashes, layers and thoughts, versions, timings, device",
         "pairs.json": "the clean/corrupted pairs this run used (our format)",
-        "checks.json": "validation checks: name, value, verdict (pass/fail/info), detail",
+        "checks.json": "validation checks: name, value, verdict (pass/warn/fail/info), detail",
+        "dropped_pairs.json": "pairs left out: equal answers (never run), answered wrong (with the model's answers; not patched under --keep correct, not in summary_correct.json under --keep all)",
         "clean_activations.safetensors": "clean runs' thought activations per pair (cache, with metadata checked before reuse)",
         "corrupted_activations.safetensors": "corrupted runs' thought activations per pair (cache, with metadata checked before reuse)",
         JOURNAL: "research journal: one dated entry per run (findings, top cells, iterative vs parallel)",
@@ -463,6 +474,8 @@ def describe(rel: str) -> str:
         return f"{exp_desc[parts[0]]}: one row per pair × cell with every metric (tidy)"
     if parts[0] in exp_desc and name == "summary.json":
         return f"{exp_desc[parts[0]]}: per cell mean, std, n and 95 % interval (ci_low, ci_high, ci_method) of every metric; recovered as ratio of means"
+    if parts[0] in exp_desc and name == "summary_correct.json":
+        return f"{exp_desc[parts[0]]}: the same summary over the pairs answered right on both sides only"
     if parts[0] == "reports":
         for e, f in REPORT_FILES.items():
             if name == f:
@@ -477,7 +490,7 @@ def describe(rel: str) -> str:
 def write_inventory(run_dir: Path) -> Path:
     files = sorted(
         p for p in run_dir.rglob("*")
-        if p.is_file() and p.name != INVENTORY and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+        if p.is_file() and p.name not in (INVENTORY, LOCK_NAME) and not (p.name.startswith(".") and p.name.endswith(".tmp"))
     )
     rows = []
     for p in files:

@@ -14,22 +14,32 @@ run directory (it can be resumed, re-reported or merged again):
   run the model (self-patch, all sites) taken from the shard that holds the first pair;
 * `pairs.json` and `manifest.json` for the whole set (`merged_from` lists the shards).
 
-Refused: shards of different result settings, model weights or pair sets, shards that
-overlap or leave pairs out, and shards that have not finished.
+* `dropped_pairs.json` and the manifest's `selection`: the shards' lists and counts together;
+  `summary_correct.json` (under `--keep all`) over the pairs answered right.
+
+Refused, before anything is written: shards of different result settings, model weights or
+pair sets, shards that overlap or leave pairs out, shards that have not finished, and any
+shard file that is missing, damaged or holds rows that are not the shard's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
-from thoughtpatch.data.schema import atomic_write_text
+from thoughtpatch.data.schema import atomic_path, atomic_write_text
 from thoughtpatch.errors import ThoughtpatchError
+from thoughtpatch.report.results import NOT_METRICS, check_row, read_lines
+from thoughtpatch.report.rundata import verdict_counts
+from thoughtpatch.report.rundir import RunLock, claim_out, read_manifest
 
 EXPERIMENTS = ("layer", "position", "iterative")
 # Baseline checks every shard must have (later ones may be missing from older shards).
@@ -40,18 +50,27 @@ AGGREGATE_CHECKS = {
     "iteration0_equals_exp1", "activations_change_between_iterations", "no_nan", "final_iteration_vs_exp1_and_layer",
 }
 CACHE_ROLES = ("clean", "corrupted")
+STAGE = ".merging"  # inside --out: merged files are written here, then moved into place
 
 
 def _manifest(d: Path) -> dict:
-    mf = d / "manifest.json"
-    if not mf.is_file():
+    m = read_manifest(d) if d.is_dir() else None
+    if m is None:
         raise ThoughtpatchError(f"{d}: not a run directory (no manifest.json)")
-    m = json.loads(mf.read_text())
     if "finished" not in m:
         raise ThoughtpatchError(f"{d}: the run has not finished (resume it first)")
-    if "full_pairs" not in m:
-        raise ThoughtpatchError(f"{d}: manifest.json has no full_pairs (written by an older thoughtpatch); rerun it")
+    if "full_pairs" not in m or "selection" not in m:
+        raise ThoughtpatchError(f"{d}: manifest.json has no {'full_pairs' if 'full_pairs' not in m else 'selection'} (written by an older thoughtpatch); rerun it")
     return m
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ThoughtpatchError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ThoughtpatchError(f"{path}: damaged ({e})") from None
 
 
 def _experiments(m: dict) -> list[str]:
@@ -95,20 +114,29 @@ def _order_shards(dirs: list[Path], manifests: list[dict]) -> dict[int, Path]:
     return owner
 
 
-def _merge_results(dirs: list[Path], out: Path, exp: str, pos: dict[int, int]) -> Path:
-    lines: list[tuple[int, str]] = []
-    for d in dirs:
-        path = d / exp / "results.jsonl"
-        if not path.is_file():
-            raise ThoughtpatchError(f"{path}: missing")
-        for line in path.read_text().splitlines():
-            if line.strip():
-                lines.append((pos[json.loads(line)["pair_id"]], line))
-    lines.sort(key=lambda t: t[0])  # stable: each pair's rows keep their order
-    dest = out / exp / "results.jsonl"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(dest, "".join(line + "\n" for _, line in lines))
-    return dest
+def _cells_per_pair(m: dict, exp: str) -> int:
+    layers, thoughts = len(m["layers"]), len(m["thoughts"])
+    return {"layer": layers, "position": layers * thoughts, "iterative": layers * m["model"]["num_thoughts"]}[exp]
+
+
+def _shard_rows(d: Path, m: dict, exp: str, patched: set[int]) -> list[dict]:
+    """A shard's rows of one experiment, checked to be exactly its patched pairs' cells."""
+    path = d / exp / "results.jsonl"
+    if not path.is_file():
+        raise ThoughtpatchError(f"{path}: missing")
+    counts: dict[int, int] = {}
+    rows = []
+    for n, row in read_lines(path):
+        check_row(row, path, n, exp)
+        if row["pair_id"] not in patched:
+            raise ThoughtpatchError(f"{path}, line {n}: pair {row['pair_id']} is not among this shard's patched pairs")
+        counts[row["pair_id"]] = counts.get(row["pair_id"], 0) + 1
+        rows.append(row)
+    want = _cells_per_pair(m, exp)
+    for pid in sorted(patched, key=lambda p: m["pairs"]["ids"].index(p)):
+        if counts.get(pid, 0) != want:
+            raise ThoughtpatchError(f"{path}: pair {pid} has {counts.get(pid, 0)} rows, expected {want}")
+    return rows
 
 
 def merge_caches(paths: list[Path], dest: Path, pairs_sha256: str) -> None:
@@ -131,10 +159,8 @@ def merge_caches(paths: list[Path], dest: Path, pairs_sha256: str) -> None:
     meta = dict(meta0)
     meta["pairs_sha256"] = pairs_sha256
     meta["pair_ids"] = sorted(pair_ids)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"thoughtpatch": json.dumps(meta)})
-    tmp.replace(dest)
+    with atomic_path(dest) as tmp:
+        save_file(tensors, str(tmp), metadata={"thoughtpatch": json.dumps(meta)})
 
 
 def merge_baseline(checks_by_shard: list[list[dict]], sizes: list[int]) -> list[dict]:
@@ -157,9 +183,12 @@ def merge_baseline(checks_by_shard: list[list[dict]], sizes: list[int]) -> list[
 def merge_runs(
     dirs: list[str | Path], out: str | Path, overwrite: bool = False, report: bool = True, log: Callable[[str], None] | None = None
 ) -> Path:
-    """Merge finished shard run directories into `out`; returns `out`."""
+    """Merge finished shard run directories into `out`; returns `out`. Every input is read and
+    checked before anything is written; the merged files are written to a staging directory
+    inside `out` and moved into place (manifest.json last), so a failure leaves no half-merged
+    run."""
     from thoughtpatch.patching import checks as C
-    from thoughtpatch.report.results import read_rows, write_summary
+    from thoughtpatch.report.results import write_summary
 
     say = log or (lambda s: print(s, file=sys.stderr))
     dirs = [Path(d) for d in dirs]
@@ -168,11 +197,12 @@ def merge_runs(
         raise ThoughtpatchError("merge: no run directories given")
     if any(d.resolve() == out.resolve() for d in dirs):
         raise ThoughtpatchError(f"--out {out} is one of the shards; merge into another directory")
+    # Shards inside --out (as `accelerate launch` places them) may be there; nothing else.
+    inside = frozenset(d.name for d in dirs if d.resolve().parent == out.resolve()) | {STAGE}
+    claim_out(out, overwrite, allowed=inside, again="pass --overwrite to replace it")
     manifests = [_manifest(d) for d in dirs]
     check_compatible(dirs, manifests)
     owner = _order_shards(dirs, manifests)
-    if (out / "manifest.json").exists() and not overwrite:
-        raise ThoughtpatchError(f"{out} already holds a run; choose another --out (or --overwrite)")
     full = manifests[0]["full_pairs"]
     pos = {pid: i for i, pid in enumerate(full["ids"])}
     # Shards in the order of their first pair; the first holds the first pair.
@@ -184,36 +214,47 @@ def merge_runs(
     # pairs.json: the whole set, in its order, and it must be the set the shards were cut from.
     by_id = {}
     for d in dirs:
-        for p in json.loads((d / "pairs.json").read_text()):
+        for p in _read_json(d / "pairs.json"):
             by_id[p["pair_id"]] = p
+    if set(by_id) != set(full["ids"]):
+        raise ThoughtpatchError(f"the shards' pairs.json do not hold the pair set they were cut from ({full['sha256'][:12]}…)")
     pairs = [by_id[pid] for pid in full["ids"]]
     if hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest() != full["sha256"]:
         raise ThoughtpatchError(f"the shards' pairs.json do not make up the pair set they were cut from ({full['sha256'][:12]}…)")
-    out.mkdir(parents=True, exist_ok=True)
+
+    # Which pairs each shard patched, answered wrong, dropped (dropped_pairs.json).
+    keep = first["selection"]["keep"]
+    dropped_by_shard = [_read_json(d / "dropped_pairs.json") for d in dirs]
+    wrong = sorted((e for ds in dropped_by_shard for e in ds if e.get("reason") == "answered wrong"), key=lambda e: pos[e["pair_id"]])
+    wrong_ids = {e["pair_id"] for e in wrong}
+    right_ids = set(full["ids"]) - wrong_ids
+    dropped = [e for e in dropped_by_shard[0] if e.get("reason") != "answered wrong"] + wrong
 
     direction = first["config"]["direction"]
     results: dict[str, list[dict]] = {}
     for exp in _experiments(first):
-        path = _merge_results(dirs, out, exp, pos)
-        results[exp] = read_rows(path)
-        write_summary(out / exp / "summary.json", results[exp], exp, {"direction": direction, "model": first["model"]["checkpoint"]})
-    for role in CACHE_ROLES:
-        merge_caches([d / f"{role}_activations.safetensors" for d in dirs], out / f"{role}_activations.safetensors", full["sha256"])
-    atomic_write_text(out / "pairs.json", json.dumps(pairs, indent=1) + "\n")
-
-    shard_checks = [json.loads((d / "checks.json").read_text())["checks"] for d in dirs]
+        rows = []
+        for d, m in zip(dirs, manifests):
+            patched = set(m["pairs"]["ids"]) - (wrong_ids if keep == "correct" else set())
+            rows += _shard_rows(d, m, exp, patched)
+        results[exp] = sorted(rows, key=lambda r: pos[r["pair_id"]])  # stable: each pair's rows keep their order
+    caches = {role: [d / f"{role}_activations.safetensors" for d in dirs] for role in CACHE_ROLES}
+    shard_checks = [_read_json(d / "checks.json")["checks"] for d in dirs]
     checks = merge_baseline(shard_checks, [m["pairs"]["n"] for m in manifests])
     checks += [c for c in shard_checks[0] if c["name"] not in C.BASELINE and c["name"] not in AGGREGATE_CHECKS]
+    nan_rows = {exp: [{k: (math.nan if v is None and k not in NOT_METRICS else v) for k, v in r.items()} for r in rows] for exp, rows in results.items()}
     if "position" in results and "layer" in results:
-        checks += C.grid_checks(results["position"], results["layer"], direction)
+        checks += C.grid_checks(nan_rows["position"], nan_rows["layer"], direction)
     if "iterative" in results and "position" in results:
-        checks += C.iterative_checks(results["iterative"], results["position"], results.get("layer", []), SimpleNamespace(num_thoughts=first["model"]["num_thoughts"]))
-    atomic_write_text(out / "checks.json", json.dumps({"checks": checks}, indent=1) + "\n")
+        checks += C.iterative_checks(nan_rows["iterative"], nan_rows["position"], nan_rows.get("layer", []), SimpleNamespace(num_thoughts=first["model"]["num_thoughts"]))
 
     manifest = {k: v for k, v in first.items() if k not in ("wandb_dir", "resumed", "timings_s", "device", "finished", "started")}
     manifest["config"] = first["config"] | {"shard": None, "out": str(out)}
     manifest["pairs"] = {"path": first["pairs"]["path"], "sha256": full["sha256"], "n": full["n"], "ids": full["ids"]}
     manifest["shard"] = None
+    sel = [m["selection"] for m in manifests]
+    manifest["selection"] = {"keep": keep, "same_answer": sel[0]["same_answer"]} | {k: sum(s[k] for s in sel) for k in ("unpatched", "correct", "wrong", "patched")}
+    manifest["selection"]["dropped"] = len(sel[0]["same_answer"]) + (len(wrong) if keep == "correct" else 0)
     manifest["started"] = min(m["started"] for m in manifests if m.get("started"))
     manifest["finished"] = max(m["finished"] for m in manifests)
     timings: dict[str, float] = {}
@@ -226,12 +267,41 @@ def merge_runs(
         {"dir": str(d), "shard": m.get("shard"), "n": m["pairs"]["n"], "device": m.get("device"), "timings_s": m.get("timings_s"), "started": m.get("started"), "finished": m.get("finished")}
         for d, m in zip(dirs, manifests)
     ]
-    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
 
-    failed = [c["name"] for c in checks if c["verdict"] == "fail"]
-    say(f"merged {len(dirs)} shard(s), {full['n']} pairs, into {out}; checks: {sum(c['verdict'] == 'pass' for c in checks)} pass, {len(failed)} fail{' (' + ', '.join(failed) + ')' if failed else ''}")
-    if report:
-        from thoughtpatch.report.markdown import write_reports
+    with RunLock(out):
+        claim_out(out, overwrite, allowed=inside, again="pass --overwrite to replace it")
+        stage = out / STAGE
+        shutil.rmtree(stage, ignore_errors=True)  # a killed merge's leftovers
+        try:
+            for exp, rows in results.items():
+                atomic_write_text(stage / exp / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+                extra = {"direction": direction, "model": first["model"]["checkpoint"]}
+                write_summary(stage / exp / "summary.json", nan_rows[exp], exp, extra | {"pair_set": keep})
+                if keep == "all":
+                    write_summary(stage / exp / "summary_correct.json", [r for r in nan_rows[exp] if r["pair_id"] in right_ids], exp, extra | {"pair_set": "correct"})
+            for role, paths in caches.items():
+                merge_caches(paths, stage / f"{role}_activations.safetensors", full["sha256"])
+            atomic_write_text(stage / "pairs.json", json.dumps(pairs, indent=1) + "\n")
+            atomic_write_text(stage / "dropped_pairs.json", json.dumps(dropped, indent=1) + "\n")
+            atomic_write_text(stage / "checks.json", json.dumps({"checks": checks}, indent=1) + "\n")
+            atomic_write_text(stage / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+            _install(stage, out)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        say(f"merged {len(dirs)} shard(s), {full['n']} pairs, into {out}; checks: {verdict_counts(checks)}")
+        if report:
+            from thoughtpatch.report.markdown import write_reports
 
-        write_reports(out)
+            write_reports(out)
     return out
+
+
+def _install(stage: Path, out: Path) -> None:
+    """Move the staged files into `out` (renames on one file system); an old manifest goes
+    first and the new one last, so `out` is never a run whose files are half old, half new."""
+    (out / "manifest.json").unlink(missing_ok=True)
+    files = sorted((p for p in stage.rglob("*") if p.is_file()), key=lambda p: (p.name == "manifest.json", str(p)))
+    for f in files:
+        dest = out / f.relative_to(stage)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(f, dest)

@@ -12,6 +12,7 @@ from typing import Iterable
 
 from thoughtpatch.data.schema import atomic_write_text
 from thoughtpatch.report.intervals import LEVEL, METHODS, RESAMPLES, SEED, ratio_of_means, stats
+from thoughtpatch.errors import ThoughtpatchError
 
 # Which columns name the cell of each experiment.
 CELL_KEYS = {"layer": ("layer",), "position": ("layer", "thought"), "iterative": ("layer", "iteration")}
@@ -26,43 +27,104 @@ def _clean(v):
 
 
 class ResultsWriter:
-    """Append-only results.jsonl. On open, a torn last line or an incomplete pair (the run was
-    killed mid-write) is dropped, and the pairs already complete are reported."""
+    """Append-only results.jsonl: one pair's rows at a time, flushed and fsynced."""
 
-    def __init__(self, path: Path, rows_per_pair: int):
+    def __init__(self, path: Path):
         self.path = Path(path)
-        self.rows_per_pair = rows_per_pair
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.done: set[int] = set()
-        if self.path.exists():
-            rows = read_rows(self.path, strict=False)
-            counts: dict[int, int] = defaultdict(int)
-            for r in rows:
-                counts[r["pair_id"]] += 1
-            self.done = {p for p, c in counts.items() if c == rows_per_pair}
-            keep = [r for r in rows if r["pair_id"] in self.done]
-            atomic_write_text(self.path, "".join(json.dumps({k: _clean(v) for k, v in r.items()}) + "\n" for r in keep))
 
     def write_pair(self, rows: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         text = "".join(json.dumps({k: _clean(v) for k, v in r.items()}) + "\n" for r in rows)
         with open(self.path, "a") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        self.done.update(r["pair_id"] for r in rows)
 
 
-def read_rows(path: Path, strict: bool = True) -> list[dict]:
-    rows = []
-    lines = Path(path).read_text().splitlines()
+def open_results(paths: dict[str, Path], cells: dict[str, list[tuple]], pair_ids: list[int], direction: str) -> tuple[dict[str, ResultsWriter], set[int]]:
+    """Writers for a run's experiments, and the pairs already done.
+
+    A pair is the unit of completion: it is done only when every experiment holds all of its
+    cells. What a killed run left behind — a torn last line, a pair written for some
+    experiments or cells but not all — is dropped, so that pair reruns whole, in the same
+    batch as an uninterrupted run. Any other line that is not this run's (malformed JSON in
+    the middle, another pair set, cell, experiment or direction, a duplicate) is an error."""
+    known = set(pair_ids)
+    kept: dict[str, list[tuple[int, dict]]] = {}
+    complete: set[int] = set(known)
+    for exp, path in paths.items():
+        want = set(cells[exp])
+        seen: dict[tuple, int] = {}
+        by_pair: dict[int, set] = defaultdict(set)
+        lines = read_lines(path, tolerate_torn_tail=True) if path.exists() else []
+        for n, row in lines:
+            check_row(row, path, n, exp)
+            where = f"{path}, line {n}"
+            pid, cell = row["pair_id"], cell_of(row, exp)
+            if pid not in known:
+                raise ThoughtpatchError(f"{where}: pair {pid} is not in this run's pairs; not this run's results")
+            if row.get("direction") != direction:
+                raise ThoughtpatchError(f"{where}: direction {row.get('direction')!r}, this run is {direction}")
+            if cell not in want:
+                raise ThoughtpatchError(f"{where}: cell {cell} is not among this run's layers/thoughts")
+            if (pid, cell) in seen:
+                raise ThoughtpatchError(f"{where}: pair {pid}, cell {cell} written twice (first at line {seen[(pid, cell)]})")
+            seen[(pid, cell)] = n
+            by_pair[pid].add(cell)
+        complete &= {pid for pid, got in by_pair.items() if got == want}
+        kept[exp] = lines
+    writers = {}
+    for exp, path in paths.items():
+        rows = [r for _, r in kept[exp] if r["pair_id"] in complete]
+        if path.exists():  # rewritten without what is dropped (a torn tail included)
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+        writers[exp] = ResultsWriter(path)
+    return writers, complete
+
+
+def read_lines(path: Path, tolerate_torn_tail: bool = False) -> list[tuple[int, dict]]:
+    """(1-based line number, object) of each non-empty line; a torn last line is dropped when
+    tolerated (a killed run's), every other unreadable line is an error naming it."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ThoughtpatchError(f"{path}: not UTF-8 text") from None
+    out = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            if strict or i != len(lines) - 1:
-                raise ValueError(f"{path}, line {i + 1}: malformed JSON") from None
+            if tolerate_torn_tail and i == len(lines) - 1:
+                continue
+            raise ThoughtpatchError(f"{path}, line {i + 1}: malformed JSON") from None
+        if not isinstance(row, dict):
+            raise ThoughtpatchError(f"{path}, line {i + 1}: expected an object, got {type(row).__name__}")
+        out.append((i + 1, row))
+    return out
+
+
+def check_row(row: dict, path: Path, n: int, experiment: str) -> None:
+    """The keys every row of `experiment` has (foreign lines are named, not crashed on)."""
+    pid = row.get("pair_id")
+    if isinstance(pid, bool) or not isinstance(pid, int):
+        raise ThoughtpatchError(f"{path}, line {n}: field 'pair_id': expected an integer, got {pid!r}")
+    if row.get("experiment", experiment) != experiment:
+        raise ThoughtpatchError(f"{path}, line {n}: a row of experiment {row.get('experiment')!r} in {experiment} results")
+    for key in CELL_KEYS[experiment]:
+        if key not in row:
+            raise ThoughtpatchError(f"{path}, line {n}: field '{key}' missing")
+
+
+def read_rows(path: Path, experiment: str | None = None) -> list[dict]:
+    """Every row of a results.jsonl (null metrics as NaN); with `experiment`, each row is
+    checked to be one of its rows. Unreadable lines are errors naming file and line."""
+    rows = []
+    for n, r in read_lines(Path(path)):
+        if experiment is not None:
+            check_row(r, path, n, experiment)
+        rows.append(r)
     return [{k: (math.nan if v is None and k not in NOT_METRICS else v) for k, v in r.items()} for r in rows]
 
 

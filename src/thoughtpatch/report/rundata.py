@@ -47,6 +47,27 @@ SHORT = {
 }
 
 
+VERDICTS = ("pass", "warn", "fail", "info")
+
+
+def verdict_counts(checks: list[dict]) -> str:
+    """"7 pass, 1 warn, 0 fail (name), 5 info": the one-line tally the CLI and reports print."""
+    n = {v: sum(c["verdict"] == v for c in checks) for v in VERDICTS}
+    failed = [c["name"] for c in checks if c["verdict"] == "fail"]
+    return f"{n['pass']} pass, {n['warn']} warn, {n['fail']} fail{' (' + ', '.join(failed) + ')' if failed else ''}, {n['info']} info"
+
+
+def warnings_of(checks: list[dict]) -> list[str]:
+    """One line per `warn` check (e.g. the baseline gate): what the CLI prints before patching
+    and every report opens with."""
+    out = []
+    for c in checks:
+        if c["verdict"] == "warn":
+            v = c["value"]
+            out.append(f"{c['name']} = {f'{100 * v:.1f} %' if isinstance(v, float) else v}: {c.get('detail', '')}")
+    return out
+
+
 def layer_key(layer) -> int:
     """Sort key: the input row (fed thought vector) first, then blocks 0…L−1."""
     return -1 if layer == "input" else int(layer)
@@ -116,6 +137,28 @@ class RunData:
     @property
     def iterations(self) -> list[int]:
         return sorted({r["iteration"] for r in self.rows.get("iterative", [])})
+
+    @property
+    def selection(self) -> dict:
+        """keep (all | correct) and the counts of the pair selection (manifest.json)."""
+        return self.manifest.get("selection") or {"keep": "all"}
+
+    def pair_set(self, exp: str) -> str:
+        """Which pairs the numbers of `exp` cover, in words."""
+        sel, n = self.selection, self.n_pairs(exp)
+        same = len(sel.get("same_answer", []))
+        dropped_same = f"; {same} dropped for equal answers" if same else ""
+        if sel.get("keep") == "correct":
+            return (f"the {n} pairs the model answers right on both sides ({sel.get('wrong', '?')} answered wrong were dropped{dropped_same}; "
+                    f"listed with the model's answers in dropped_pairs.json)")
+        if "correct" not in sel:
+            return f"all {n} pairs"
+        return (f"all {n} pairs, right or wrong ({sel['correct']} answered right on both sides{dropped_same}; "
+                "the correct-only summaries are in summary_correct.json beside each summary.json, the wrong pairs in dropped_pairs.json)")
+
+    @property
+    def warnings(self) -> list[str]:
+        return warnings_of(self.checks)
 
     @property
     def pair_ids(self) -> list[int]:
@@ -188,7 +231,7 @@ def _read_json(path: Path, what: str):
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise ThoughtpatchError(f"{path}: {what} not found — is this a thoughtpatch run directory?") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ThoughtpatchError(f"{path}: malformed JSON ({e})") from None
 
 
@@ -203,12 +246,17 @@ def load_run(run_dir: str | Path) -> RunData:
     manifest = _read_json(run_dir / "manifest.json", "manifest")
     pairs = _read_json(run_dir / "pairs.json", "pairs file")
     checks_path = run_dir / "checks.json"
-    checks = _read_json(checks_path, "checks")["checks"] if checks_path.exists() else []
+    doc = _read_json(checks_path, "checks") if checks_path.exists() else {"checks": []}
+    checks = doc.get("checks") if isinstance(doc, dict) else None
+    if not isinstance(manifest, dict) or not isinstance(pairs, list) or not isinstance(checks, list):
+        raise ThoughtpatchError(f"{run_dir}: manifest.json, pairs.json or checks.json is not what a thoughtpatch run writes")
     data = RunData(run_dir, manifest, pairs, checks)
     for exp in EXPERIMENTS:
         res, summ = run_dir / exp / "results.jsonl", run_dir / exp / "summary.json"
         if res.exists() and summ.exists():
-            rows = read_rows(res)
+            rows = read_rows(res, exp)
+            if not rows:
+                raise ThoughtpatchError(f"{res}: no rows (the run patched nothing)")
             for r in rows:
                 r["layer"] = _as_layer(r["layer"])
             data.rows[exp] = rows
