@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from tests.rows import assert_rows_close as _close
 from tests.tiny import make_tiny_codi
 from thoughtpatch.data.schema import Pair, Problem
 from thoughtpatch.model import INPUT, load_model
@@ -30,20 +31,6 @@ def model(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(model):
     return pair_runs(model, PAIR, max_new_tokens=8)
-
-
-def _close(a: list[dict], b: list[dict], tol=1e-5):
-    """Every metric within tol (relative above 1)."""
-    assert len(a) == len(b)
-    for ra, rb in zip(a, b):
-        assert ra.keys() == rb.keys()
-        for k in ra:
-            x, y = ra[k], rb[k]
-            t = tol
-            if isinstance(x, float) and not isinstance(x, bool):
-                assert (math.isnan(x) and math.isnan(y)) or abs(x - y) <= t * max(1.0, abs(y)), (k, x, y, ra)
-            else:
-                assert x == y, (k, x, y)
 
 
 @pytest.mark.parametrize("direction", ["denoising", "noising"])

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tests.patching.test_sites import _close
+from tests.rows import assert_rows_close as _close
 from tests.tiny import make_tiny_codi, make_tiny_coconut
 from thoughtpatch.data.schema import Pair, Problem
 from thoughtpatch.model import INPUT, Site, load_model

@@ -4,11 +4,10 @@ c_attn): each site means what DESIGN §8 says, and the batched engine equals the
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
+from tests.rows import assert_rows_close as _close
 from tests.tiny import make_tiny_codi, make_tiny_coconut
 from thoughtpatch.data.schema import Pair, Problem
 from thoughtpatch.model import INPUT, Site, load_model
@@ -38,25 +37,6 @@ def model(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(model):
     return pair_runs(model, PAIR, max_new_tokens=6)
-
-
-def _gap(row: dict) -> float:
-    """The denominator of `recovered`: a ratio's rounding is its numerator's divided by it."""
-    return abs(row["logprob_diff_source"] - row["logprob_diff_receiving"]) if "logprob_diff_source" in row else 1.0
-
-
-def _close(a: list[dict], b: list[dict], tol=1e-5):
-    """Every metric within tol (relative above 1; `recovered` on the scale of its numerator)."""
-    assert len(a) == len(b)
-    for ra, rb in zip(a, b):
-        assert ra.keys() == rb.keys()
-        for k in ra:
-            x, y = ra[k], rb[k]
-            if isinstance(x, float):
-                scale = _gap(rb) if k == "recovered" else 1.0
-                assert (math.isnan(x) and math.isnan(y)) or abs(x - y) * scale <= tol * max(1.0, abs(y)), (k, x, y, ra)
-            else:
-                assert x == y, (k, x, y)
 
 
 def _spec(model, site: str) -> Spec:
