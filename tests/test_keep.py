@@ -14,7 +14,7 @@ import pytest
 from tests.test_run_errors import cli
 from thoughtpatch.model.loader import TOY_DIR
 from thoughtpatch.report.results import read_rows
-from thoughtpatch.run import RunConfig, run_experiments
+from thoughtpatch.sweep import RunConfig, run_experiments
 
 quiet = lambda s: None  # noqa: E731
 OFF = 1000  # added to an expected answer: the organism gives the true one, so it is "wrong"

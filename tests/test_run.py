@@ -16,7 +16,7 @@ import torch
 from tests.tiny import make_tiny_codi
 from thoughtpatch.errors import ThoughtpatchError
 from thoughtpatch.report.results import read_rows
-from thoughtpatch.run import RunConfig, parse_range, run_experiments
+from thoughtpatch.sweep import RunConfig, parse_range, run_experiments
 
 Q = "tom has {} apples and he buys 5 more . how many apples has tom ?"
 
@@ -175,7 +175,7 @@ def _resumable_with(full_run: Path, out: Path, cfg: RunConfig) -> Path:
 
     from thoughtpatch.data.schema import load_pairs
     from thoughtpatch.model.checkpoint import find_checkpoint_file
-    from thoughtpatch.run import pairs_sha256, sha256_file
+    from thoughtpatch.sweep import pairs_sha256, sha256_file
 
     shutil.copytree(full_run, out)
     m = json.loads((out / "manifest.json").read_text())

@@ -23,7 +23,7 @@ from thoughtpatch.cli import main
 from thoughtpatch.errors import ThoughtpatchError
 from thoughtpatch.report.results import read_rows
 from thoughtpatch.report.rundir import LOCK_NAME
-from thoughtpatch.run import RunConfig, run_experiments
+from thoughtpatch.sweep import RunConfig, run_experiments
 
 quiet = lambda s: None  # noqa: E731
 
@@ -156,7 +156,7 @@ def test_prompt_longer_than_the_models_positions(tmp_path, family):
         run_experiments(cfg, progress=False, log=quiet)
     assert not out.exists()
     from thoughtpatch.data.schema import load_pairs
-    from thoughtpatch.run import plan_pairs
+    from thoughtpatch.sweep import plan_pairs
 
     model = load_model(ckpt, base=base)
     fits = load_pairs(_pairs(tmp_path / "fits.json", 1))

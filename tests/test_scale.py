@@ -17,7 +17,7 @@ from tests.test_run import _pairs
 from tests.tiny import make_tiny_codi
 from thoughtpatch.errors import ThoughtpatchError
 from thoughtpatch.report.merge import merge_runs
-from thoughtpatch.run import RunConfig, parse_shard, run_experiments
+from thoughtpatch.sweep import RunConfig, parse_shard, run_experiments
 
 N_PAIRS = 5
 quiet = lambda s: None  # noqa: E731

@@ -14,7 +14,7 @@ Q = "tom has {} apples and he buys 5 more . how many apples has tom ?"
 
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory) -> Path:
-    from thoughtpatch.run import RunConfig, run_experiments
+    from thoughtpatch.sweep import RunConfig, run_experiments
 
     root = tmp_path_factory.mktemp("tiny")
     ckpt, base = make_tiny_codi(root, "llama")

@@ -18,7 +18,7 @@ def _row(pid, layer, kl):
 
 def test_torn_and_partial_pairs_are_dropped(tmp_path):
     paths = {"layer": tmp_path / "layer.jsonl"}
-    cells = {"layer": [(0,), (1,)]}
+    cells = {"layer": [("resid", 0, None), ("resid", 1, None)]}  # (site, layer, head)
     writers, done = open_results(paths, cells, [0, 1], "denoising")
     assert done == set()
     writers["layer"].write_pair([_row(0, 0, 1.0), _row(0, 1, 2.0)])
@@ -33,7 +33,7 @@ def test_a_pair_is_done_only_in_every_experiment(tmp_path):
     """Pair 0 complete in `layer` but missing from `position`: it is dropped from both, so it
     reruns whole (in the same batch as an uninterrupted run)."""
     paths = {"layer": tmp_path / "layer.jsonl", "position": tmp_path / "position.jsonl"}
-    cells = {"layer": [(0,)], "position": [(0, 0)]}
+    cells = {"layer": [("resid", 0, None)], "position": [("resid", 0, None, 0)]}
     writers, _ = open_results(paths, cells, [0, 1], "denoising")
     pos = lambda pid: {**_row(pid, 0, 1.0), "experiment": "position", "thought": 0}  # noqa: E731
     writers["layer"].write_pair([_row(0, 0, 1.0)])
@@ -51,8 +51,8 @@ def test_a_pair_is_done_only_in_every_experiment(tmp_path):
         ("[1, 2]", "line 2: expected an object"),
         (json.dumps({"layer": 0}), "line 2: field 'pair_id'"),
         (json.dumps(_row(7, 0, 1.0)), "line 2: pair 7 is not in this run's pairs"),
-        (json.dumps(_row(0, 5, 1.0)), r"line 2: cell \(5,\) is not among"),
-        (json.dumps(_row(0, 0, 1.0)), "line 2: pair 0, cell \\(0,\\) written twice"),
+        (json.dumps(_row(0, 5, 1.0)), r"line 2: cell \('resid', 5, None\) is not among"),
+        (json.dumps(_row(0, 0, 1.0)), "line 2: pair 0, cell \\('resid', 0, None\\) written twice"),
         (json.dumps({**_row(0, 1, 1.0), "direction": "noising"}), "line 2: direction 'noising'"),
     ],
 )
@@ -62,7 +62,7 @@ def test_foreign_lines_are_named(tmp_path, line, message):
     p = tmp_path / "layer.jsonl"
     p.write_text(json.dumps(_row(0, 0, 1.0)) + "\n" + line + "\n" + json.dumps(_row(0, 1, 1.0)) + "\n")
     with pytest.raises(ThoughtpatchError, match=f"{p}, {message}"):
-        open_results({"layer": p}, {"layer": [(0,), (1,)]}, [0], "denoising")
+        open_results({"layer": p}, {"layer": [("resid", 0, None), ("resid", 1, None)]}, [0], "denoising")
     if "JSON" in message or "object" in message or "pair_id" in message:
         with pytest.raises(ThoughtpatchError, match=f"{p}, {message}"):
             read_rows(p, "layer")

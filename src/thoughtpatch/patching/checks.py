@@ -30,8 +30,13 @@ def _mean_by(rows: list[dict], keys: tuple[str, ...], metric: str) -> dict[tuple
     for r in rows:
         v = r[metric]
         if not (isinstance(v, float) and math.isnan(v)):
-            acc[tuple(r[k] for k in keys)].append(float(v))
+            acc[tuple(_loc(r) if k == "layer" else r.get(k) for k in keys)].append(float(v))
     return {k: sum(v) / len(v) for k, v in acc.items() if v}
+
+
+def _loc(r: dict):
+    """A grid row's location: the layer, or (layer, head) on the head site."""
+    return r["layer"] if r.get("head") is None else (r["layer"], r["head"])
 
 
 def self_patch_checks(model: ThoughtModel, runs: PairRuns, direction: Direction, site: str = "resid") -> list[dict]:
@@ -108,7 +113,7 @@ def grid_checks(position: list[dict], layer: list[dict], direction: Direction) -
     )
     vals = list(grid.values())
     med = statistics.median(vals) if vals else math.nan
-    l0 = grid.get((0, 0), math.nan)
+    l0 = next((v for (loc, k), v in grid.items() if k == 0 and loc in (0, (0, 0))), math.nan)
     out.append(check("layer0_thought0_vs_median", l0 / med if med > 0 else math.nan, "info", f"mean KL at (0, 0) = {l0:.4g}, grid median = {med:.4g}"))
     mean = sum(vals) / len(vals) if vals else math.nan
     cv = statistics.pstdev(vals) / mean if vals and mean > 0 else math.nan
@@ -120,7 +125,7 @@ def grid_checks(position: list[dict], layer: list[dict], direction: Direction) -
         toward = _mean_by(position, ("layer", "thought"), "answer_logit_diff")
         best = max(toward, key=lambda c: sign * toward[c])
         first = next(r["pair_id"] for r in position)
-        row = next(r for r in position if r["pair_id"] == first and (r["layer"], r["thought"]) == best)
+        row = next(r for r in position if r["pair_id"] == first and (_loc(r), r["thought"]) == best)
         out.append(
             check(
                 "first_pair_best_cell_logit_diff", row["answer_logit_diff"], "pass" if sign * row["answer_logit_diff"] > 0 else "fail",
@@ -131,15 +136,15 @@ def grid_checks(position: list[dict], layer: list[dict], direction: Direction) -
     return out
 
 
-def iterative_checks(iterative: list[dict], position: list[dict], layer: list[dict], model: ThoughtModel) -> list[dict]:
+def iterative_checks(iterative: list[dict], position: list[dict], layer: list[dict], model) -> list[dict]:
     """7. Exp 2 sanity: iteration 0 ≡ Exp 1 (l, 0); activations move; no NaN; final vs others."""
     out = []
-    exp1 = {(r["pair_id"], r["layer"]): r for r in position if r["thought"] == 0}
+    exp1 = {(r["pair_id"], _loc(r)): r for r in position if r["thought"] == 0}
     keys = ("kl", "kl_to_clean", "answer_logit_diff", "logprob_diff", "answer")
     worst, n = 0.0, 0
     for r in iterative:
-        if r["iteration"] == 0 and (r["pair_id"], r["layer"]) in exp1:
-            e = exp1[(r["pair_id"], r["layer"])]
+        if r["iteration"] == 0 and (r["pair_id"], _loc(r)) in exp1:
+            e = exp1[(r["pair_id"], _loc(r))]
             n += 1
             for k in keys:
                 a, b = float(r[k]), float(e[k])
@@ -148,7 +153,7 @@ def iterative_checks(iterative: list[dict], position: list[dict], layer: list[di
     out.append(check("iteration0_equals_exp1", worst, "pass" if n and worst <= 1e-5 else "fail", f"max |Δ| over {n} (pair, layer) rows and metrics {', '.join(keys)}"))
     norms: dict[tuple, list[float]] = defaultdict(list)
     for r in sorted(iterative, key=lambda r: r["iteration"]):
-        norms[(r["pair_id"], r["layer"])].append(r["norm"])
+        norms[(r["pair_id"], _loc(r))].append(r["norm"])
     moving = sum(1 for v in norms.values() if len(set(v)) > 1)
     out.append(check("activations_change_between_iterations", moving / len(norms) if norms else math.nan, "pass" if moving == len(norms) and norms else "fail", f"{moving} of {len(norms)} (pair, layer) chains have norms that change across iterations"))
     nans = sum(1 for rows in (iterative, position, layer) for r in rows for k, v in r.items() if k in ("kl", "logprob_diff", "answer_logit_diff") and isinstance(v, float) and math.isnan(v))
@@ -159,6 +164,85 @@ def iterative_checks(iterative: list[dict], position: list[dict], layer: list[di
     lp = _mean_by(layer, ("layer",), "kl")
     detail = "; ".join(f"layer {l}: Exp2 {fin[(l,)]:.3g} / Exp1 {e1.get((l,), math.nan):.3g} / layer {lp.get((l,), math.nan):.3g}" for (l,) in fin)
     out.append(check("final_iteration_vs_exp1_and_layer", statistics.mean(fin.values()) if fin else math.nan, "info", f"mean KL at the final iteration ({last}) — {detail}"))
+    return out
+
+
+AGGREGATE = {
+    "sum_single_kl_vs_layer_kl", "layer0_thought0_vs_median", "heatmap_nonuniform", "first_pair_best_cell_logit_diff",
+    "iteration0_equals_exp1", "activations_change_between_iterations", "no_nan", "final_iteration_vs_exp1_and_layer",
+}
+
+
+def base_name(name: str) -> str:
+    """A check's name without its site ("heatmap_nonuniform[attn]" → "heatmap_nonuniform")."""
+    return name.split("[", 1)[0]
+
+
+def for_site(checks: list[dict], site: str) -> list[dict]:
+    """The resid grid's checks keep their names; another site's are named with it."""
+    return checks if site == "resid" else [c | {"name": f"{c['name']}[{site}]"} for c in checks]
+
+
+def aggregate_checks(results: dict[str, list[dict]], direction: Direction, num_thoughts: int) -> list[dict]:
+    """3–7 per site from the results alone (a run and a merge of shards compute them alike)."""
+    from types import SimpleNamespace
+
+    out = []
+    sites = list(dict.fromkeys(r.get("site", "resid") for e in ("position", "layer", "iterative") for r in results.get(e, [])))
+    for site in sites:
+        of = {e: [r for r in results.get(e, []) if r.get("site", "resid") == site] for e in ("position", "layer", "iterative")}
+        got = []
+        if of["position"] and of["layer"]:
+            got += grid_checks(of["position"], of["layer"], direction)
+        if of["iterative"] and of["position"]:
+            got += iterative_checks(of["iterative"], of["position"], of["layer"], SimpleNamespace(num_thoughts=num_thoughts))
+        out += for_site(got, site)
+    return out
+
+
+def knockout_checks(model: ThoughtModel, runs: PairRuns) -> list[dict]:
+    """Null check of the knockout: the later thoughts are the readers of the last thought's
+    key, and there are none — nothing may change (one run alone, exactly)."""
+    from thoughtpatch.patching.engine import Knockout
+
+    k = model.num_thoughts - 1
+    (ro,) = ReferenceEngine(model).run(runs.clean_ids, [Variant(knockouts=(Knockout(0, k, "thoughts"),))], runs.target)
+    d = float((ro.decision_logits - runs.clean.decision_logits).abs().max())
+    return [check("knockout_without_readers", d, "pass" if d == 0 else "fail",
+                  f"pair {runs.pair.pair_id}: thought {k}'s key knocked out for the later thoughts (there are none); max |Δ logit| (must be 0)")]
+
+
+def trace_checks(model: ThoughtModel, runs: PairRuns) -> list[dict]:
+    """Null checks of causal tracing on the first question: restoring every thought site from
+    the clean run gives the clean run's thoughts exactly; the noise reached the run at all."""
+    sites = [site_at("resid", loc, k) for k in range(model.num_thoughts) for loc in all_layers(model)]
+    v = Variant(tuple(Patch(s, model.site_value(runs.clean.acts, s)) for s in sites))
+    (ro,) = ReferenceEngine(model).run(runs.corrupted_prompt, [v], runs.target)
+    d = max(float((ro.resid - runs.clean.resid).abs().max()), float((ro.inputs - runs.clean.inputs).abs().max()))
+    moved = M.kl(runs.corrupted.decision_logits, runs.clean.decision_logits)
+    pid = runs.pair.pair_id
+    return [
+        check("trace_restore_all_sites", d, "pass" if d == 0 else "fail",
+              f"question {pid}: every thought site restored from the clean run; max |Δ| of the thoughts vs the clean run (must be 0)"),
+        check("trace_noise_moves_the_answer", moved, "info",
+              f"question {pid}: KL(noised ‖ clean) at the decision position = {moved:.4g} (0 would leave nothing to restore)"),
+    ]
+
+
+def run_checks(model: ThoughtModel, runs: PairRuns, direction: Direction, sites: list[str], results: dict[str, list[dict]], trace: bool = False, knockout: bool = False) -> list[dict]:
+    """Every check a run computes after its experiments (the baseline ones come first)."""
+    out = []
+    patches = [e for e in results if e != "knockout"]
+    if patches:
+        for site in sites:
+            out += for_site(self_patch_checks(model, runs, direction, site), site)
+    if trace:
+        out += trace_checks(model, runs)
+    elif patches:
+        out += all_sites_check(model, runs, direction)
+    out += aggregate_checks(results, direction, model.num_thoughts)
+    if knockout:
+        out += knockout_checks(model, runs)
     return out
 
 

@@ -32,21 +32,23 @@ def answers(r: PairRuns) -> dict:
     return out
 
 
-def is_correct(model: ThoughtModel, r: PairRuns) -> bool:
-    """Both sides right, by the family's own accuracy rule."""
-    return model.correct(r.clean.answer, r.pair.clean.answer) and model.correct(r.corrupted.answer, r.pair.corrupted.answer)
+def is_correct(model: ThoughtModel, r: PairRuns, trace: bool = False) -> bool:
+    """Both sides right, by the family's own accuracy rule (causal tracing: the clean run; its
+    noised run is meant to go wrong)."""
+    clean = model.correct(r.clean.answer, r.pair.clean.answer)
+    return clean if trace else clean and model.correct(r.corrupted.answer, r.pair.corrupted.answer)
 
 
-def split_correct(model: ThoughtModel, runs: list[PairRuns]) -> tuple[list[PairRuns], list[dict]]:
+def split_correct(model: ThoughtModel, runs: list[PairRuns], trace: bool = False) -> tuple[list[PairRuns], list[dict]]:
     """(the pairs answered right on both sides, the others with the model's answers)."""
-    right = [r for r in runs if is_correct(model, r)]
-    wrong = [answers(r) for r in runs if not is_correct(model, r)]
+    right = [r for r in runs if is_correct(model, r, trace)]
+    wrong = [answers(r) for r in runs if not is_correct(model, r, trace)]
     return right, wrong
 
 
-def select(model: ThoughtModel, runs: list[PairRuns], keep: str) -> tuple[list[PairRuns], list[PairRuns], list[dict]]:
+def select(model: ThoughtModel, runs: list[PairRuns], keep: str, trace: bool = False) -> tuple[list[PairRuns], list[PairRuns], list[dict]]:
     """(pairs to patch, pairs answered right, the wrong ones with the model's answers)."""
     if keep not in KEEP:
         raise ValueError(f"keep must be one of {KEEP}, not {keep!r}")
-    right, wrong = split_correct(model, runs)
+    right, wrong = split_correct(model, runs, trace)
     return (runs if keep == "all" else right), right, wrong

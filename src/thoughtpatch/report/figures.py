@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 
 from thoughtpatch.data.schema import atomic_write_text
 from thoughtpatch.report.intervals import SHORT_METHODS, metric_range
+from thoughtpatch.report.results import CELL_KEYS
 from thoughtpatch.report.rundata import ACTIVATION_METRICS, LABELS, MAIN_METRICS, SHORT, SIGNED, RunData, layer_key
 
 DPI = 200
@@ -736,4 +737,65 @@ def write_figures(data: RunData, out: Path) -> dict[str, list[Path]]:
     return figs
 
 
-__all__ = ["write_figures", "layer_key"]
+def cell_grid(data: RunData, exp: str, metric: str, what: str = "mean", site: str | None = None, run: str | None = None) -> tuple[list, list, np.ndarray]:
+    """(row labels, column labels, [rows, cols] array) of one summary number of any grid
+    experiment: rows are locations (layer, "input", or (layer, head)), columns thoughts
+    (Exp 2: iterations; layer patching: one column). `site` / `run` pick one grid of several."""
+    keys = CELL_KEYS[exp]
+    step = {"position": "thought", "trace": "thought", "knockout": "thought", "iterative": "iteration"}.get(exp)
+    cells = [dict(zip(keys, k)) for k in data.cells(exp)]
+    for name, want in (("site", site), ("run", run)):
+        have = sorted({c[name] for c in cells if name in c and c[name] is not None})
+        if len(have) > 1 and want is None:
+            want = have[0]
+        if want is not None:
+            cells = [c for c in cells if c.get(name) == want]
+    loc = lambda c: c["layer"] if c.get("head") is None else (c["layer"], c["head"])  # noqa: E731
+    rows = sorted({loc(c) for c in cells}, key=lambda r: (layer_key(r[0]), r[1]) if isinstance(r, tuple) else (layer_key(r), -1))
+    cols = sorted({c[step] for c in cells}) if step else ["all"]
+    M = np.full((len(rows), len(cols)), np.nan)
+    for c in cells:
+        key = tuple(c.get(k) for k in keys)
+        M[rows.index(loc(c)), cols.index(c[step] if step else "all")] = data.stat(exp, key, metric, what)
+    return rows, cols, M
+
+
+def figure(data: RunData, exp: str, metric: str, site: str | None = None) -> Figure:
+    """One experiment's figure for one metric, returned (not saved): a heatmap of locations ×
+    thoughts for Exp 1, causal tracing and knockout, one line per location over iterations for
+    Exp 2, and the curve over locations for layer patching."""
+    rows, cols, M = cell_grid(data, exp, metric, site=site)
+    labels = [f"L{r[0]}.h{r[1]}" if isinstance(r, tuple) else r for r in rows]
+    with mpl.rc_context(RC):
+        if exp in ("position", "trace", "knockout"):
+            fig = Figure(figsize=(max(6.2, 2.6 + 0.8 * len(cols)), 1.5 + 0.3 * len(rows)), layout="constrained")
+            ax = fig.add_subplot()
+            _draw_heatmap(fig, ax, M, metric, labels, cols, annotate=M.size <= 200)
+            ax.set_xlabel("thought k")
+            ax.set_ylabel("layer" + (", head" if isinstance(rows[0], tuple) else ""))
+        else:
+            fig = Figure(figsize=(6.5, 3.8), layout="constrained")
+            ax = fig.add_subplot()
+            if exp == "iterative":
+                lo, hi = (cell_grid(data, exp, metric, w, site=site)[2] for w in ("ci_low", "ci_high"))
+                for i, (lab, color) in enumerate(zip(labels, _layer_colors(rows))):
+                    _band(ax, cols, M[i], lo[i], hi[i], color, label=str(lab))
+                ax.set_xlabel("iteration i")
+                if log_wanted(metric, M):
+                    _log_axis(ax, M)
+                ax.legend(fontsize=7, ncol=2)
+            else:
+                lo, hi = (cell_grid(data, exp, metric, w, site=site)[2][:, 0] for w in ("ci_low", "ci_high"))
+                x = list(range(len(rows)))
+                _band(ax, x, M[:, 0], lo, hi, EXP_COLORS["layer"])
+                ax.set_xticks(x, [str(lab) for lab in labels], rotation=90 if len(x) > 20 else 0)
+                ax.set_xlabel("layer (every thought patched)")
+            ax.set_ylabel(SHORT.get(metric, metric))
+            _zero_line(ax, metric)
+        grid_site = site or next((c.get("site") for c in data.summaries[exp]["cells"] if c.get("site")), None)
+        where = f" [{grid_site}]" if grid_site else ""
+        ax.set_title(f"{exp}{where}: {LABELS.get(metric, metric)} ({ci_name(data, exp, metric)})\n{_subtitle(data, exp)}", loc="left")
+    return fig
+
+
+__all__ = ["write_figures", "figure", "cell_grid", "layer_key"]

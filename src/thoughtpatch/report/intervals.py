@@ -34,6 +34,7 @@ METHODS = {
 }
 SHORT_METHODS = {WILSON: "Wilson", BOOTSTRAP: "bootstrap", NORMAL: "normal", CLIPPED: "normal, clipped"}
 RATES = {"flip", "away"}
+RATIO_METRICS = {"recovered", "restored"}  # ratios of means over pairs (results.RATIOS)
 
 
 def metric_range(metric: str) -> tuple[float, float]:
@@ -50,7 +51,7 @@ def metric_range(metric: str) -> tuple[float, float]:
 def method_for(metric: str, boolean: bool = False) -> str:
     if boolean or metric in RATES:
         return WILSON
-    if metric.startswith("kl") or metric == "recovered":
+    if metric.startswith("kl") or metric in RATIO_METRICS:
         return BOOTSTRAP
     lo, hi = metric_range(metric)
     return CLIPPED if math.isfinite(lo) or math.isfinite(hi) else NORMAL
@@ -118,8 +119,9 @@ def clip(metric: str, low: float | None, high: float | None) -> tuple[float | No
 
 
 def ratio_of_means(patched, receiving, source) -> dict:
-    """`recovered` = (mean patched − mean receiving) / (mean source − mean receiving), with a
-    bootstrap interval over pairs (a pair's three values are resampled together)."""
+    """A ratio of means — `recovered` (of logprob_diff), `restored` (of log P(clean answer)) —
+    (mean patched − mean receiving) / (mean source − mean receiving), with a bootstrap
+    interval over pairs (a pair's three values are resampled together)."""
     trip = [(float(p), float(r), float(s)) for p, r, s in zip(patched, receiving, source) if not any(math.isnan(float(v)) for v in (p, r, s))]
     n = len(trip)
     out = {"mean": None, "n": n, "ci_low": None, "ci_high": None, "ci_method": BOOTSTRAP, "ci95": None}

@@ -190,11 +190,11 @@ def error_analysis(data: RunData, exp: str) -> str:
     by_pair = data.pair_rows(exp)
     pairs = {p["pair_id"]: p for p in data.pairs}
     src, rec = data.source_role, data.receiving_role
-    cell_keys = CELL_KEYS[exp]
-    if exp == "layer":
+    cols = data.shown_columns(exp)
+    if cols == ["layer"]:
         cell_name = lambda r: f"layer {lname(r['layer'])}"  # noqa: E731
     else:
-        cell_name = lambda r: "(" + ", ".join(lname(r[k]) if k == "layer" else str(r[k]) for k in cell_keys) + ")"  # noqa: E731
+        cell_name = lambda r: "(" + ", ".join(lname(r[k]) if k == "layer" else str(r.get(k)) for k in cols) + ")"  # noqa: E731
     lines = ["## Error analysis", "", "Baseline (DESIGN check 8):", ""] + baseline_lines(data) + [""]
     flipped, still, table_rows = [], [], []
     for pid in [p for p in data.pair_ids if p in by_pair]:
@@ -246,12 +246,12 @@ def ranked(data: RunData, exp: str, metric: str, k: int = 5) -> list[tuple[tuple
 
 
 def top5_section(data: RunData, exp: str) -> str:
-    head = list(CELL_KEYS[exp])
+    head = data.shown_columns(exp)
     what = "layers" if head == ["layer"] else "(" + ", ".join(head) + ") cells"
     order = "highest first" if data.sign > 0 else "highest first; logit diff and log-prob diff lowest first (most towards the corrupted answer)"
     parts = [f"## Top-5 {what} by each main metric\n\nMean over pairs ({order}).\n"]
     for metric in MAIN_METRICS:
-        rows = [[i + 1, *[lname(x) for x in key], ci(m, lo, hi), num(n)] for i, (key, m, lo, hi, n) in enumerate(ranked(data, exp, metric))]
+        rows = [[i + 1, *[lname(x) for _, x in data.shown(exp, key)], ci(m, lo, hi), num(n)] for i, (key, m, lo, hi, n) in enumerate(ranked(data, exp, metric))]
         parts.append(f"**{LABELS[metric]}**\n\n" + table(["rank", *head, f"mean [{ci_label(data, exp, metric)}]", "n"], rows))
     return "\n".join(parts)
 
@@ -385,11 +385,12 @@ def report(data: RunData, exp: str, figs: dict[str, list[Path]]) -> str:
 
 
 # ---- journal -------------------------------------------------------------------------------
-def cell_words(exp: str, key: tuple, bare: bool = False) -> str:
+def cell_words(exp: str, key: tuple, bare: bool = False, data: RunData | None = None) -> str:
     """"layer 2, thought 3" for a cell key (the bare value for a one-column key)."""
-    if bare and len(key) == 1:
-        return lname(key[0])
-    return ", ".join(f"{c} {lname(v)}" for c, v in zip(CELL_KEYS[exp], key))
+    parts = data.shown(exp, key) if data is not None else [(c, v) for c, v in zip(CELL_KEYS[exp], key) if v is not None]
+    if bare and len(parts) == 1:
+        return lname(parts[0][1])
+    return ", ".join(f"{c} {lname(v)}" for c, v in parts)
 
 
 def journal_entry(data: RunData) -> str:
@@ -405,14 +406,14 @@ def journal_entry(data: RunData) -> str:
     if "position" in data.rows:
         for metric in ("kl", "recovered"):
             top = ranked(data, "position", metric, 3)
-            lines.append(f"* Exp 1 top cells by {SHORT[metric]}: " + "; ".join(f"({cell_words('position', k)}) {num(m)}" for k, m, *_ in top) + ".")
+            lines.append(f"* Exp 1 top cells by {SHORT[metric]}: " + "; ".join(f"({cell_words('position', k, data=data)}) {num(m)}" for k, m, *_ in top) + ".")
         flips = {r["pair_id"] for r in data.rows["position"] if r.get("flip")}
         moved = {r["pair_id"] for r in data.rows["position"] if r.get("away")}
         lines.append(f"* Exp 1 answers: {len(flips)} of {n} pairs flip to the {data.source_role} answer at some cell; {n - len(moved)} never move.")
     if "layer" in data.rows:
         top = ranked(data, "layer", "kl", 1) + ranked(data, "layer", "recovered", 1)
         if top:
-            lines.append(f"* Layer patching: strongest layer by KL {cell_words('layer', top[0][0], bare=True)} ({num(top[0][1])})" + (f", by recovered {cell_words('layer', top[1][0], bare=True)} ({num(top[1][1])})." if len(top) > 1 else "."))
+            lines.append(f"* Layer patching: strongest layer by KL {cell_words('layer', top[0][0], bare=True, data=data)} ({num(top[0][1])})" + (f", by recovered {cell_words('layer', top[1][0], bare=True, data=data)} ({num(top[1][1])})." if len(top) > 1 else "."))
     if "iterative" in data.rows and "position" in data.rows and data.iterations:
         last = max(data.iterations)
         ratios = []

@@ -32,23 +32,17 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable
 
 from thoughtpatch.data.schema import atomic_path, atomic_write_text
 from thoughtpatch.errors import ThoughtpatchError
 from thoughtpatch.report.results import NOT_METRICS, check_row, read_lines
-from thoughtpatch.report.rundata import verdict_counts
+from thoughtpatch.report.rundata import EXPERIMENTS, verdict_counts
 from thoughtpatch.report.rundir import RunLock, claim_out, read_manifest
 
-EXPERIMENTS = ("layer", "position", "iterative")
 # Baseline checks every shard must have (later ones may be missing from older shards).
 BASELINE_CHECKS = ("baseline_accuracy_clean", "baseline_accuracy_corrupted", "accuracy_thoughts_zeroed")
-# Checks that are functions of results.jsonl alone: recomputed over the union.
-AGGREGATE_CHECKS = {
-    "sum_single_kl_vs_layer_kl", "layer0_thought0_vs_median", "heatmap_nonuniform", "first_pair_best_cell_logit_diff",
-    "iteration0_equals_exp1", "activations_change_between_iterations", "no_nan", "final_iteration_vs_exp1_and_layer",
-}
+
 CACHE_ROLES = ("clean", "corrupted")
 STAGE = ".merging"  # inside --out: merged files are written here, then moved into place
 
@@ -241,12 +235,11 @@ def merge_runs(
     caches = {role: [d / f"{role}_activations.safetensors" for d in dirs] for role in CACHE_ROLES}
     shard_checks = [_read_json(d / "checks.json")["checks"] for d in dirs]
     checks = merge_baseline(shard_checks, [m["pairs"]["n"] for m in manifests])
-    checks += [c for c in shard_checks[0] if c["name"] not in C.BASELINE and c["name"] not in AGGREGATE_CHECKS]
+    # per-pair checks (they run the model on the first pair) come from the shard holding it;
+    # the aggregate ones are functions of results.jsonl: recomputed over the union
+    checks += [c for c in shard_checks[0] if c["name"] not in C.BASELINE and C.base_name(c["name"]) not in C.AGGREGATE]
     nan_rows = {exp: [{k: (math.nan if v is None and k not in NOT_METRICS else v) for k, v in r.items()} for r in rows] for exp, rows in results.items()}
-    if "position" in results and "layer" in results:
-        checks += C.grid_checks(nan_rows["position"], nan_rows["layer"], direction)
-    if "iterative" in results and "position" in results:
-        checks += C.iterative_checks(nan_rows["iterative"], nan_rows["position"], nan_rows.get("layer", []), SimpleNamespace(num_thoughts=first["model"]["num_thoughts"]))
+    checks += C.aggregate_checks(nan_rows, direction, first["model"]["num_thoughts"])
 
     manifest = {k: v for k, v in first.items() if k not in ("wandb_dir", "resumed", "timings_s", "device", "finished", "started")}
     manifest["config"] = first["config"] | {"shard": None, "out": str(out)}

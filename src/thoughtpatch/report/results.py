@@ -14,9 +14,22 @@ from thoughtpatch.data.schema import atomic_write_text
 from thoughtpatch.report.intervals import LEVEL, METHODS, RESAMPLES, SEED, ratio_of_means, stats
 from thoughtpatch.errors import ThoughtpatchError
 
-# Which columns name the cell of each experiment.
-CELL_KEYS = {"layer": ("layer",), "position": ("layer", "thought"), "iterative": ("layer", "iteration")}
-NOT_METRICS = {"pair_id", "direction", "experiment", "layer", "thought", "iteration", "site", "mode", "head"}
+# Which columns name the cell of each experiment. `site` is the site kind of the grid (a run
+# may hold several); `head` is set for the head site only (absent = None).
+CELL_KEYS = {
+    "layer": ("site", "layer", "head"),
+    "position": ("site", "layer", "head", "thought"),
+    "iterative": ("site", "layer", "head", "iteration"),
+    "knockout": ("run", "layer", "thought"),
+    "trace": ("site", "layer", "head", "thought"),
+}
+CELL_DEFAULTS = {"site": "resid", "head": None}  # rows written before sites existed
+NOT_METRICS = {"pair_id", "direction", "experiment", "layer", "thought", "iteration", "site", "mode", "head", "run", "readers", "vector", "resample_pair"}
+# Ratios of means (never means of per-pair ratios): metric → (patched, receiving, source) columns.
+RATIOS = {
+    "recovered": ("logprob_diff", "logprob_diff_receiving", "logprob_diff_source"),
+    "restored": ("logprob_clean", "logprob_clean_receiving", "logprob_clean_source"),
+}
 # Numeric columns that are not effects: the greedy answer's mean over pairs means nothing.
 NOT_AGGREGATED = {"answer"}
 
@@ -113,7 +126,7 @@ def check_row(row: dict, path: Path, n: int, experiment: str) -> None:
     if row.get("experiment", experiment) != experiment:
         raise ThoughtpatchError(f"{path}, line {n}: a row of experiment {row.get('experiment')!r} in {experiment} results")
     for key in CELL_KEYS[experiment]:
-        if key not in row:
+        if key not in row and key not in CELL_DEFAULTS:
             raise ThoughtpatchError(f"{path}, line {n}: field '{key}' missing")
 
 
@@ -129,15 +142,15 @@ def read_rows(path: Path, experiment: str | None = None) -> list[dict]:
 
 
 def cell_of(row: dict, experiment: str) -> tuple:
-    return tuple(row[k] for k in CELL_KEYS[experiment])
+    return tuple(row.get(k, CELL_DEFAULTS.get(k)) for k in CELL_KEYS[experiment])
 
 
 def summarize(rows: Iterable[dict], experiment: str) -> list[dict]:
     """Per cell: mean, std, n and a 95 % interval (`ci_low`, `ci_high`, `ci_method`; see
-    intervals.py) of every metric over pairs. `recovered` is the ratio of means,
-    (mean patched − mean receiving) / (mean source − mean receiving), never the mean of
-    per-pair ratios (which explodes on pairs whose runs barely differ); those are kept
-    under `per_pair`. A cell's rows are taken in pair order, so the bootstrap does not
+    intervals.py) of every metric over pairs. `recovered` (and causal tracing's `restored`) is
+    the ratio of means, (mean patched − mean receiving) / (mean source − mean receiving), never
+    the mean of per-pair ratios (which explodes on pairs whose runs barely differ); those are
+    kept under `per_pair`. A cell's rows are taken in pair order, so the bootstrap does not
     depend on the order of results.jsonl."""
     keys = CELL_KEYS[experiment]
     cells: dict[tuple, list[dict]] = defaultdict(list)
@@ -146,21 +159,28 @@ def summarize(rows: Iterable[dict], experiment: str) -> list[dict]:
     out = []
     for cell, rs in cells.items():
         rs = sorted(rs, key=lambda r: r["pair_id"])
-        entry = dict(zip(keys, cell)) | {"n": len(rs), "metrics": {}}
+        entry = {k: v for k, v in zip(keys, cell) if v is not None} | {"n": len(rs), "metrics": {}}
         for key in rs[0]:
             v = rs[0][key]
-            if key in NOT_METRICS or key in keys or key in NOT_AGGREGATED or key == "recovered" or not isinstance(v, (int, float, bool)):
+            if key in NOT_METRICS or key in keys or key in NOT_AGGREGATED or key in RATIOS or not isinstance(v, (int, float, bool)):
                 continue
             entry["metrics"][key] = stats([r[key] for r in rs], key, boolean=any(isinstance(r[key], bool) for r in rs))
-        rec = ratio_of_means(*([r[k] for r in rs] for k in ("logprob_diff", "logprob_diff_receiving", "logprob_diff_source")))
-        entry["metrics"]["recovered"] = rec | {"per_pair": stats([r["recovered"] for r in rs], "recovered_per_pair")}
+        for name, cols in RATIOS.items():
+            if name in rs[0] and all(c in rs[0] for c in cols):
+                ratio = ratio_of_means(*([r[c] for r in rs] for c in cols))
+                entry["metrics"][name] = ratio | {"per_pair": stats([r[name] for r in rs], f"{name}_per_pair")}
         out.append(entry)
-    order = lambda e: tuple((-1, "") if v == "input" else (v, "") if isinstance(v, (int, float)) else (math.inf, str(v)) for v in (e[k] for k in keys))  # noqa: E731
+    order = lambda e: tuple((-1, "") if v == "input" else (v, "") if isinstance(v, (int, float)) else (math.inf, str(v)) for v in (e.get(k, -2) for k in keys))  # noqa: E731
     return sorted(out, key=order)
 
 
-def write_summary(path: Path, rows: list[dict], experiment: str, extra: dict | None = None) -> dict:
+def summary_doc(rows: list[dict], experiment: str, extra: dict | None = None) -> dict:
+    """What summary.json holds: the experiment, n, `extra`, the interval methods, the cells."""
     intervals = {"level": LEVEL, "methods": METHODS, "bootstrap": {"resamples": RESAMPLES, "seed": SEED}}
-    doc = {"experiment": experiment, "n_pairs": len({r["pair_id"] for r in rows}), **(extra or {}), "intervals": intervals, "cells": summarize(rows, experiment)}
+    return {"experiment": experiment, "n_pairs": len({r["pair_id"] for r in rows}), **(extra or {}), "intervals": intervals, "cells": summarize(rows, experiment)}
+
+
+def write_summary(path: Path, rows: list[dict], experiment: str, extra: dict | None = None) -> dict:
+    doc = summary_doc(rows, experiment, extra)
     atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
     return doc

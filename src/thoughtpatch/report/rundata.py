@@ -13,12 +13,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from thoughtpatch.errors import ThoughtpatchError
-from thoughtpatch.report.results import CELL_KEYS, read_rows, summarize
+from thoughtpatch.report.results import CELL_DEFAULTS, CELL_KEYS, read_rows, summarize
 
-EXPERIMENTS = ("layer", "position", "iterative")
+EXPERIMENTS = ("layer", "position", "iterative", "knockout", "trace")
 # The metrics every report and figure covers, in this order.
 MAIN_METRICS = ("kl", "answer_logit_diff", "logprob_diff", "recovered", "flip")
-SIGNED = {"answer_logit_diff", "logprob_diff", "recovered"}
+# Experiments with other metrics: knockout has no source run, causal tracing no second answer.
+METRICS_OF = {"knockout": ("kl", "delta_logprob_diff", "away"), "trace": ("kl", "logprob_clean", "restored", "flip")}
+
+
+def metrics_of(exp: str) -> tuple[str, ...]:
+    return METRICS_OF.get(exp, MAIN_METRICS)
+
+
+SIGNED = {"answer_logit_diff", "logprob_diff", "recovered", "restored", "delta_logprob_diff"}
 ACTIVATION_METRICS = ("cos_clean", "cos_corrupted", "norm")
 
 LABELS = {
@@ -27,6 +35,9 @@ LABELS = {
     "answer_logit_diff": "answer logit diff (clean − corrupted)",
     "logprob_diff": "log P(clean) − log P(corrupted)",
     "recovered": "recovered (ratio of means)",
+    "restored": "restored share of log P(clean answer) (ratio of means)",
+    "logprob_clean": "log P(clean answer)",
+    "delta_logprob_diff": "Δ (log P(clean) − log P(corrupted)) vs the unpatched run",
     "flip": "flip rate (answer = source run's)",
     "away": "away rate (answer ≠ receiving run's)",
     "cos_clean": "cos(activation, clean)",
@@ -39,6 +50,9 @@ SHORT = {
     "answer_logit_diff": "logit diff",
     "logprob_diff": "log-prob diff",
     "recovered": "recovered",
+    "restored": "restored",
+    "logprob_clean": "log P(clean)",
+    "delta_logprob_diff": "Δ log-prob diff",
     "flip": "flip rate",
     "away": "away rate",
     "cos_clean": "cos to clean",
@@ -93,6 +107,7 @@ class RunData:
     checks: list[dict]
     rows: dict[str, list[dict]] = field(default_factory=dict)
     summaries: dict[str, dict] = field(default_factory=dict)
+    dropped: list[dict] = field(default_factory=list)  # dropped_pairs.json: pairs not patched or answered wrong
     _cells: dict[str, dict] = field(default_factory=dict, repr=False)
 
     # ---- what the run covered -------------------------------------------------------
@@ -182,8 +197,27 @@ class RunData:
     def cells(self, exp: str) -> dict[tuple, dict]:
         """(cell key tuple) → summary cell, keys as in CELL_KEYS."""
         if exp not in self._cells:
-            self._cells[exp] = {tuple(_as_layer(c[k]) if k == "layer" else c[k] for k in CELL_KEYS[exp]): c for c in self.summaries[exp]["cells"]}
+            self._cells[exp] = {
+                tuple(_as_layer(c[k]) if k == "layer" else c.get(k, CELL_DEFAULTS.get(k)) for k in CELL_KEYS[exp]): c for c in self.summaries[exp]["cells"]
+            }
         return self._cells[exp]
+
+    def shown_columns(self, exp: str) -> list[str]:
+        """The cell-key columns worth naming: not a column every cell leaves empty (head, off the
+        head site), nor `site` / `run` when the run has only one."""
+        keys = CELL_KEYS[exp]
+        out = []
+        for i, c in enumerate(keys):
+            vals = {k[i] for k in self.cells(exp)}
+            if vals == {None} or (c in ("site", "run") and len(vals) == 1):
+                continue
+            out.append(c)
+        return out
+
+    def shown(self, exp: str, key: tuple) -> list[tuple[str, object]]:
+        """(column, value) of a cell key, the columns of `shown_columns`."""
+        cols = self.shown_columns(exp)
+        return [(c, v) for c, v in zip(CELL_KEYS[exp], key) if c in cols]
 
     def key(self, exp: str, **parts) -> tuple:
         """A cell key of `exp` from named parts (`key("position", layer=l, thought=k)`), in the
@@ -250,7 +284,9 @@ def load_run(run_dir: str | Path) -> RunData:
     checks = doc.get("checks") if isinstance(doc, dict) else None
     if not isinstance(manifest, dict) or not isinstance(pairs, list) or not isinstance(checks, list):
         raise ThoughtpatchError(f"{run_dir}: manifest.json, pairs.json or checks.json is not what a thoughtpatch run writes")
-    data = RunData(run_dir, manifest, pairs, checks)
+    dropped_path = run_dir / "dropped_pairs.json"
+    dropped = _read_json(dropped_path, "dropped pairs") if dropped_path.exists() else []
+    data = RunData(run_dir, manifest, pairs, checks, dropped=dropped if isinstance(dropped, list) else [])
     for exp in EXPERIMENTS:
         res, summ = run_dir / exp / "results.jsonl", run_dir / exp / "summary.json"
         if res.exists() and summ.exists():
