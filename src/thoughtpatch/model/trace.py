@@ -75,6 +75,16 @@ class Trace:
         self.model.check_site(site)
         return self.model.site_value(self.acts, site)
 
+    def logits_after(self, tokens: list[int] | str = ()) -> torch.Tensor:
+        """fp32 next-token logits [V] after the read-out token and `tokens` (ids, or text such as
+        "The answer is:"), teacher-forced on this run: e.g. the logits at an answer's number."""
+        m, st = self.model, self.state
+        ids = m.tokenizer(tokens, add_special_tokens=False)["input_ids"] if isinstance(tokens, str) else list(tokens)
+        try:
+            return m.teacher_force(st, [m.readout_id, *ids], keep=1)[0, 0].cpu()
+        finally:
+            m.rewind(st)
+
     def lens(self, top: int = 5):
         """Logit lens (CODI's probe): the top tokens of the final-norm state through the LM head at
         the prompt's last token and at each thought, as a small DataFrame."""
