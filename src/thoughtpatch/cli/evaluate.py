@@ -84,7 +84,7 @@ def eval_cmd(
     if "per_thought" in res:
         k = len(res["per_thought"]["zero"])
         pt = Table(title="accuracy with one thought ablated (%)")
-        for col in ["ablation", *[f"thought {j}" for j in range(k)]]:
+        for col in ["ablation", *[f"k={j}" for j in range(k)]]:
             pt.add_column(col, justify="left" if col == "ablation" else "right")
         for how, accs in res["per_thought"].items():
             pt.add_row(how, *[f"{100 * a:.1f}" for a in accs])

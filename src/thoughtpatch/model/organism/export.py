@@ -32,6 +32,14 @@ def accuracy_markdown(acc: dict) -> str:
     return "\n".join(rows)
 
 
+def per_thought_markdown(per_thought: dict) -> str:
+    """Accuracy with one thought ablated (zero, mean, resample), a row per ablation."""
+    k = len(next(iter(per_thought.values())))
+    rows = ["| one thought ablated | " + " | ".join(f"k = {j}" for j in range(k)) + " |", "|" + "---|" * (k + 1)]
+    rows += [f"| {how} | " + " | ".join(f"{100 * a:.1f}" for a in accs) + " |" for how, accs in per_thought.items()]
+    return "\n".join(rows)
+
+
 def save_organism(out_dir, hf, prj, tok, cfg, heldout, pairs, log, wall_s: float, eval_problems: int | None = None) -> dict:
     """Write everything, then reload the directory through the CODI loader and measure the
     accuracy table with the runtime (the same numbers `thoughtpatch eval --model DIR` gives)."""
@@ -67,8 +75,8 @@ def save_organism(out_dir, hf, prj, tok, cfg, heldout, pairs, log, wall_s: float
     save_codi_checkpoint(out, hf, prj, sidecar)
 
     probs = spread(problems_from_heldout(out / "heldout.json"), eval_problems)
-    res = evaluate(load_model(str(out)), probs, CONDITIONS, max_new_tokens=32)
-    sidecar |= {"eval_n": res["n"], "accuracy": res["accuracy"]}
+    res = evaluate(load_model(str(out)), probs, CONDITIONS, max_new_tokens=32, per_thought=True)
+    sidecar |= {"eval_n": res["n"], "accuracy": res["accuracy"], "per_thought": res["per_thought"]}
     atomic_write_text(out / SIDECAR, json.dumps(sidecar, indent=1) + "\n")
     atomic_write_text(out / "MODEL_CARD.md", model_card(cfg, sidecar, len(heldout), len(pairs), log, wall_s))
     return sidecar
@@ -143,6 +151,14 @@ count give identical weights).
 {accuracy_markdown(sc['accuracy'])}
 
 "thoughts zeroed" feeds zero vectors at every thought; "thoughts → mean" feeds, at thought k,
-the mean over the held-out set of the k-th thought vector; "K = 0" goes from `<bot>` straight
-to `<eot>`; "explicit CoT" is the teacher mode (question without `<bot>`, greedy CoT then answer).
+the mean over the held-out set of the k-th thought vector; "thoughts → another question's"
+feeds, at every thought, problem (i+1) mod n's own thought vectors (resample ablation); "K = 0"
+goes from `<bot>` straight to `<eot>`; "explicit CoT" is the teacher mode (question without
+`<bot>`, greedy CoT then answer).
+
+Which thought is necessary — one thought ablated at a time (all problems, %):
+
+{per_thought_markdown(sc['per_thought']) if sc.get('per_thought') else '(not measured)'}
+
+`thoughtpatch eval --model toy` prints both tables.
 """
