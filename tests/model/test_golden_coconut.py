@@ -69,3 +69,25 @@ def test_prompt_pass_matches_coconut(golden):
     st = m.encode(m.prompt_ids(manifest["questions"][0]["question"]), record=True)
     err = (st.prompt_hidden[0].float() - t["fp32_b1.q0.prompt_hidden_states"].float()).abs().max().item()
     assert err <= TOL
+
+
+def test_trace_cli_writes_coconuts_tensors_with_no_family_flag(golden, tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    _, manifest, info, t = golden
+    root = FIXTURES / "coconut"
+    out = tmp_path / "q0.safetensors"
+    r = subprocess.run(
+        [sys.executable, "-m", "thoughtpatch", "trace", "--model", str(root / info["checkpoint_file"]), "--base", str(root / info["base_dir"]),
+         "-q", manifest["questions"][0]["question"], "--out", str(out)],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    got = load_file(str(out))
+    assert got["input_ids"].tolist() == t["fp32_b1.q0.input_ids"].tolist()  # the whole eval prompt, markers included
+    assert (got["latent_inputs"] - t["fp32_b1.q0.latent_inputs"]).abs().max() <= TOL
+    assert got["answer_token_ids"].tolist() == t["fp32_b1.q0.answer_token_ids"].tolist()
+    assert "family: coconut" in r.stdout
