@@ -43,10 +43,13 @@ def test_trace_thoughts_flag(ref, tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "t2.safetensors"
-    r = _run("trace", "--model", str(root / "ckpt/gpt2"), "--base", str(root / "bases/tiny-gpt2"), "--lora-alpha", "4", "-q", "A box holds 12 eggs.", "--out", str(out), "--thoughts", "2", "--max-new-tokens", "4")
+    r = _run("trace", "--model", str(root / "ckpt/gpt2"), "--base", str(root / "bases/tiny-gpt2"), "--lora-alpha", "4", "-q", "A box holds 12 eggs.", "--out", str(out), "--num-thoughts", "2", "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr[-1500:]
     t = load_file(str(out))
     assert t["latent_inputs"].shape[0] == 2 and t["answer_token_ids"].numel() == 4
+    # --thoughts selects patched thoughts in runs; with -q it is refused, naming the K option
+    r = _run("trace", "--model", str(root / "ckpt/gpt2"), "--base", str(root / "bases/tiny-gpt2"), "-q", "x", "--out", str(out), "--thoughts", "2")
+    assert r.returncode == 2 and "--num-thoughts" in r.stderr and r.stderr.strip().count("\n") == 0
 
 
 def test_inspect_prints_lens_table(ref):

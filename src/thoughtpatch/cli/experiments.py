@@ -58,6 +58,10 @@ def _register(name: str, experiments: list[str] | None, doc: str) -> None:
                 raise ThoughtpatchError("-q/--question belongs to `thoughtpatch trace` (one question's tensors)")
             if out is None:
                 raise ThoughtpatchError("trace -q: --out FILE.safetensors is required")
+            stray = sorted(k for k in given if k not in ("model", "base", "dtype", "num_thoughts", "lora_alpha", "max_new_tokens", "family", "out"))
+            if stray:
+                hint = " (K is --num-thoughts)" if "thoughts" in stray else ""
+                raise ThoughtpatchError(f"trace -q takes no --{stray[0].replace('_', '-')}{hint}: it writes one question's tensors")
             from thoughtpatch.cli.model import dump_trace
 
             return dump_trace(question, Path(out), model or "toy", base, dtype or "float32", num_thoughts, lora_alpha, max_new_tokens, family)

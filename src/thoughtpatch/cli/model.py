@@ -82,6 +82,7 @@ def dump_trace(question: str, out: Path, model: str, base: str | None, dtype: st
     print(f"family: {m.family.name}")
     print(f"answer: {gens[0].text!r}")
     print(f"extracted: {gens[0].answer!r}")
+    print(f"number: {gens[0].number:g}")
     print(f"wrote {out}")
 
 
