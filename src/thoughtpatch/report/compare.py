@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from thoughtpatch.data.schema import atomic_write_text
 from thoughtpatch.errors import ThoughtpatchError
 from thoughtpatch.report.figures import RC, _draw_heatmap, _fmt_for, _grid, _norm_cmap, _row_label, _save, _scale_exp
-from thoughtpatch.report.rundata import LABELS, MAIN_METRICS, SITE_WORDS, RunData, load_run, loc_name, mode_tag, verdict_counts
+from thoughtpatch.report.rundata import LABELS, MAIN_METRICS, SHORT, SITE_WORDS, RunData, load_run, loc_name, mode_tag, verdict_counts
 
 EXP = "position"
 
@@ -78,13 +78,13 @@ def compare_figure(a: RunData, b: RunData, metric: str) -> Figure:
         if diff:
             D = A - B
             de = _scale_exp(D)
-            _draw_heatmap(fig, axes[2], D, "delta_" + metric, locs_a, a.thoughts, annotate=annotate, fontsize=6.5, scale=de)
+            _draw_heatmap(fig, axes[2], D, "delta_" + metric, locs_a, a.thoughts, annotate=annotate, fontsize=6.5, scale=de, cbar_label=f"A − B, {SHORT.get(metric, metric)}")
             axes[2].set_title("A − B (its own scale, 0 = white)", fontsize=8, loc="left")
             axes[2].set_xlabel("thought k")
         site = a.site or "resid"
         fig.suptitle(
-            f"Exp 1 [{site}]: {LABELS.get(metric, metric)} — A and B on one colour range"
-            + ("" if diff else " (grids of different shape: no difference panel)"),
+            f"Exp 1 [{site}]: {LABELS.get(metric, metric)}\nA and B on one colour range"
+            + ("; A − B on its own" if diff else "; grids of different shape: no difference panel"),
             x=0.0, ha="left",
         )
     return fig

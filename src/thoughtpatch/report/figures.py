@@ -159,7 +159,7 @@ def _log_axis(ax, values) -> None:
     ax.set_ylim(bottom=v[np.isfinite(v) & (v > 0)].min() / 3)  # interval ends at 0 run off the bottom
 
 
-def _draw_heatmap(fig: Figure, ax, M: np.ndarray, metric: str, layers: list, thoughts: list, annotate: bool, fontsize: float = 7.5, colorbar: bool = True, norm_cmap=None, scale: int | None = None, exp: str | None = None, fmt: str | None = None):
+def _draw_heatmap(fig: Figure, ax, M: np.ndarray, metric: str, layers: list, thoughts: list, annotate: bool, fontsize: float = 7.5, colorbar: bool = True, norm_cmap=None, scale: int | None = None, exp: str | None = None, fmt: str | None = None, cbar_label: str | None = None):
     e = _scale_exp(M) if scale is None else scale
     S = M / 10.0**e
     norm, cmap_name = norm_cmap or _norm_cmap(metric, S)
@@ -183,7 +183,7 @@ def _draw_heatmap(fig: Figure, ax, M: np.ndarray, metric: str, layers: list, tho
     cb = None
     if colorbar:
         cb = fig.colorbar(im, ax=ax, fraction=0.06, pad=0.03)
-        cb.set_label(short(metric, exp) + _suffix(e) + (" (+ = clean)" if metric in ("answer_logit_diff", "logprob_diff") else ""))
+        cb.set_label((cbar_label or short(metric, exp)) + _suffix(e) + (" (+ = clean)" if metric in ("answer_logit_diff", "logprob_diff") else ""))
         cb.ax.tick_params(labelsize=7)
     return im, e
 
