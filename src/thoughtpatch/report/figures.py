@@ -24,7 +24,7 @@ from thoughtpatch.data.schema import atomic_path, atomic_write_text
 from thoughtpatch.report.intervals import RATIO_METRICS, SHORT_METHODS, metric_range
 from thoughtpatch.report.results import CELL_KEYS
 from thoughtpatch.report.rundata import (
-    ACTIVATION_METRICS, LABELS, MAIN_METRICS, SHORT, SIGNED, RunData, label, layer_key, loc_key, loc_name, loc_of, marked, metrics_of, short, table_metrics,
+    ACTIVATION_METRICS, LABELS, MAIN_METRICS, READERS, SHORT, SIGNED, RunData, label, layer_key, loc_key, loc_name, loc_of, marked, metrics_of, short, table_metrics,
 )
 
 DPI = 200
@@ -750,7 +750,7 @@ def _intro(data: RunData, exp: str) -> str:
     return {
         "position": f"Exp 1, position-wise patching: each (layer, thought) site alone gets the {src} activation.",
         "trace": "Causal tracing: the question's number tokens are noised; each (layer, thought) site alone is restored from the clean run.",
-        "knockout": f"Attention knockout: in block l, {data.readers()} readers of thought k's key do not attend to it.",
+        "knockout": f"Attention knockout: in block l, {READERS.get(data.readers(), data.readers())} do not attend to thought k's key (pre-softmax score −inf).",
         "iterative": f"Exp 2, iterative patching: iteration i patches (layer, head, i) with the activation the previous iteration produced (iteration 0: the {src} activation).",
     }[exp]
 

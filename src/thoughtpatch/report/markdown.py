@@ -25,7 +25,7 @@ from thoughtpatch.report.figures import EXP_SHORT, write_figures
 from thoughtpatch.report.intervals import METHODS, SHORT_METHODS, wilson
 from thoughtpatch.report.results import CELL_KEYS
 from thoughtpatch.report.rundata import (
-    ACTIVATION_METRICS, LABELS, MAIN_METRICS, READERS, SHORT, SITE_SHORT, SITE_WORDS, RunData, label, layer_key, load_run, loc_name, loc_of, marked, metrics_of,
+    ACTIVATION_METRICS, MAIN_METRICS, READERS, SHORT, SITE_SHORT, SITE_WORDS, RunData, label, layer_key, load_run, loc_name, marked, metrics_of,
     mode_tag, short, table_metrics, verdict_counts,
 )
 from thoughtpatch.report.rundir import LOCK_NAME
@@ -501,7 +501,7 @@ def iterative_vs_parallel(data: RunData) -> tuple[list[list], str]:
     last = max(data.iterations) if data.iterations else None
     rows = []
     for l in data.locs("iterative"):
-        row = [lname(l)]
+        row = [lname(l)]  # a head grid's row: "layer.h<head>"
         for metric in ("kl", "recovered", "flip"):
             e1_0 = data.stat("position", data.key("position", loc=l, thought=0), metric) if "position" in data.rows else math.nan
             e1_last = data.stat("position", data.key("position", loc=l, thought=last), metric) if "position" in data.rows and last is not None else math.nan
@@ -516,8 +516,8 @@ def iterative_vs_parallel_section(data: RunData) -> str:
     parts = []
     for v in data.views("iterative"):
         title = "### Iterative vs parallel" + (f" — site `{v.site}`" if len(data.groups("iterative")) > 1 else "")
-        if v.head_site:
-            parts.append(f"{title}\n\nNot drawn for the head site (one row per layer and head); compare the layer × head figures instead.\n")
+        if len(v.locs("iterative")) > MAX_TABLE_ROWS:
+            parts.append(f"{title}\n\nNot tabulated for {len(v.locs('iterative'))} (layer, head) rows; compare the layer × head figures instead.\n")
             continue
         rows, legend = iterative_vs_parallel(v)
         header = ["layer"] + [f"{SHORT[m]}: {w}" for m in ("kl", "recovered", "flip") for w in ("E1 k=0", "E1 k=last", "E2 last", "layer")]
