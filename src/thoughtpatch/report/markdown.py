@@ -240,7 +240,8 @@ def methodology(data: RunData, exp: str) -> str:
         ["model checkpoint", f"`{m.get('checkpoint', '?')}` (sha256 {str(m.get('sha256', '?'))[:16]}…)"],
         ["base (config + tokenizer)", f"`{m.get('base', cfg.get('base'))}`"],
         ["family / dtype", f"{m.get('family', '?')} / {m.get('dtype', cfg.get('dtype', '?'))}"],
-        ["layers L (+ input row)", f"{L} (+ input); patched: {', '.join(lname(l) for l in data.layers)}"],
+        ["layers L (+ input row)", f"{L} (+ input); patched: {', '.join(lname(l) for l in data.layers)}"]
+        if exp != "knockout" else ["layers L", f"{L}; knocked out in blocks {', '.join(lname(l) for l in data.layers if l != 'input')}"],
         ["thoughts K", f"{data.num_thoughts}; patched: {', '.join(str(k) for k in data.thoughts)}"],
         ["hidden size", str(m.get("hidden_size", "?"))],
         ["answer template", f"`{m.get('answer_template', '?')}`"],
@@ -671,7 +672,7 @@ def cell_words(exp: str, key: tuple, bare: bool = False, data: RunData | None = 
 def journal_lines(data: RunData, exp: str) -> list[str]:
     """One grid's findings (a view of one site or knockout run)."""
     lines, n = [], data.n_pairs(exp)
-    where = data.grid_tag(exp) if exp in ("knockout", "trace") or data.site not in (None, "resid") else ""
+    where = data.grid_tag(exp)  # none for the resid grid under replace (the journal's lines before sites existed)
     if exp == "position":
         for metric in ("kl", "recovered"):
             top = ranked(data, "position", metric, 3)

@@ -292,11 +292,12 @@ class RunData:
         return got.pop() if len(got) == 1 else str(self.manifest.get("config", {}).get("readers", "answer"))
 
     def grid_tag(self, exp: str) -> str:
-        """What a figure of this grid names beside the experiment: the site (none for resid),
-        the mode when it is not replace, a knockout's run and readers."""
+        """What a figure of this grid names beside the experiment: the site (resid only beside
+        other sites), the mode when it is not replace, a knockout's run and readers."""
         if exp == "knockout":
             return f" [{self.run or 'unpatched'} run · blocked readers: {READERS_SHORT.get(self.readers(), self.readers())}]"
-        parts = [self.site] if self.site not in (None, "resid") else []
+        several = len(self.manifest.get("sites") or []) > 1  # then the resid grid is named too
+        parts = [self.site] if self.site not in (None, "resid") or (self.site and several) else []
         if mode_tag(self.mode):
             parts.append(mode_tag(self.mode))
         return f" [{' · '.join(parts)}]" if parts else ""
