@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from thoughtpatch.report.rundata import LABELS, SHORT
+from thoughtpatch.report.rundata import LABELS, LABELS_OF, SHORT, SHORT_OF
 
 _DEC = json.JSONDecoder()
 
@@ -34,14 +34,14 @@ INTERVAL = re.compile(rf"\[({NUM}), ({NUM})\]")
 def report_intervals(report: Path) -> list[tuple[str, float, float, str]]:
     """(metric, low, high, where) of every `mean [low, high]` cell in a report's tables. The
     metric is the column's (a header "flip rate (Wilson)") or else the section's
-    ("### <label>" or "**<label>**")."""
-    by_label = {v: k for k, v in LABELS.items()}
-    by_short = {v: k for k, v in SHORT.items()}
+    ("### <label>", "#### <label>" or "**<label>**")."""
+    by_label = {v: k for k, v in LABELS.items()} | {v: k for of in LABELS_OF.values() for k, v in of.items()}
+    by_short = {v: k for k, v in SHORT.items()} | {v: k for of in SHORT_OF.values() for k, v in of.items()}
     out, section, header = [], None, None
     for n, line in enumerate(report.read_text(encoding="utf-8").splitlines(), 1):
-        head = re.match(r"^(?:###\s+(.+)|\*\*(.+)\*\*)$", line)
-        if head:
-            section = by_label.get((head.group(1) or head.group(2)).strip(), section)
+        head = re.match(r"^(?:#{2,4}\s+(.+)|\*\*(.+)\*\*)$", line)
+        if head:  # a metric's table, or another section (whose tables name their metric per column)
+            section = by_label.get((head.group(1) or head.group(2)).strip())
             header = None
             continue
         if not line.startswith("|"):

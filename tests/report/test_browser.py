@@ -127,3 +127,21 @@ def test_heatmap_hover_and_slider(browser, run_dir):
     assert f"pair {pairs[1]['pair_id']}" in text and "patched answer" in text and f"(answer {pairs[1]['corrupted']['answer']})" in text, text
     assert errors == []
     page.close()
+
+
+def test_new_grid_pages_load_draw_and_hover(browser, sites_run, trace_run):
+    """The knockout page (one run's L × K grid) and the head site's causal-tracing page."""
+    summary = json.loads((sites_run / "knockout" / "summary.json").read_text())
+    manifest = json.loads((sites_run / "manifest.json").read_text())
+    rows, cols = manifest["model"]["num_layers"], len(manifest["thoughts"])
+    page, errors, outside, n = _open(browser, sites_run / "figures" / "knockout_clean.html")
+    assert n >= 4 and outside == []
+    text = _hover_cell(page, 0, 0, rows, cols)  # fig0: KL, bottom-left = (block 0, thought 0)
+    cell = next(c for c in summary["cells"] if c["run"] == "clean" and c["layer"] == 0 and c["thought"] == 0)["metrics"]["kl"]
+    assert f"mean {cell['mean']:.4g}" in text and f"[{cell['ci_low']:.4g}, {cell['ci_high']:.4g}]" in text and f"n = {cell['n']}" in text, text
+    assert errors == []
+    page.close()
+    page, errors, outside, n = _open(browser, trace_run / "figures" / "trace_head.html")
+    drawn = page.evaluate(f"() => [...document.querySelectorAll('.js-plotly-plot')].map(d => d.querySelectorAll({DRAWN!r}).length)")
+    assert len(drawn) == n and all(k > 0 for k in drawn) and errors == [] and outside == []
+    page.close()

@@ -22,11 +22,21 @@ def _outputs(d: Path) -> dict[str, bytes]:
     return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(files)}
 
 
-def test_reports_have_every_section_and_valid_images(run_dir):
+def check_reports(run: Path) -> list[str]:
+    """Every report of a run: every section, every image link a valid PNG, every other link
+    alive, every check in the checklist, a top-5 table per main metric (per grid)."""
     from matplotlib.image import imread
 
+    from thoughtpatch.report.rundata import metrics_of
+
+    checks = json.loads((run / "checks.json").read_text())["checks"]
+    names = []
     for exp, name in REPORT_FILES.items():
-        path = run_dir / "reports" / name
+        path = run / "reports" / name
+        if not (run / exp / "results.jsonl").exists():
+            assert not path.exists(), name
+            continue
+        names.append(name)
         text = path.read_text()
         for section in SECTIONS:
             assert re.search(rf"^{re.escape(section)}", text, re.M), f"{name}: missing '{section}'"
@@ -40,22 +50,36 @@ def test_reports_have_every_section_and_valid_images(run_dir):
             assert h > 100 and w > 100, link
         for link in re.findall(r"(?<!!)\[[^\]]*\]\(([^)#]+)\)", text):  # every other relative link resolves
             assert (path.parent / link).exists(), f"{name}: dead link {link}"
-        # the checklist has every check with its verdict; top-5 tables have 5 ranked rows each
-        for c in json.loads((run_dir / "checks.json").read_text())["checks"]:
+        for c in checks:
             assert f"`{c['name']}`" in text
-        assert len(re.findall(r"^\| 1 \| ", text.split("## Top-5")[1].split("## Validation")[0], re.M)) == len(MAIN_METRICS)
+        grids = max(1, len(re.findall(r"^### ", text.split("## Top-5")[1].split("## Validation")[0], re.M)))
+        assert len(re.findall(r"^\| 1 \| ", text.split("## Top-5")[1].split("## Validation")[0], re.M)) == grids * len(metrics_of(exp))
         assert "Baseline" in text and "never move" in text
+    return names
 
 
-def test_html_pages_share_one_plotly_and_stay_small(run_dir):
+def test_reports_have_every_section_and_valid_images(run_dir):
+    assert check_reports(run_dir) == ["position_patching.md", "iterative_patching.md", "layer_patching.md"]
+    # a run on the resid grid keeps the file names it had before sites existed
+    figures = {p.name for p in (run_dir / "figures").iterdir()}
+    assert figures == {
+        "comparison_kl.png", "comparison_logprob_diff.png", "iterative.html", "iterative_activations.png", "iterative_trajectories.png",
+        "layer.html", "layer_curve.png", "plotly.min.js", "position.html", "position_heatmaps.png", "position_per_pair_delta_logprob_diff_1.png",
+        "position_per_pair_kl_1.png", *(f"position_heatmap_{m}.png" for m in MAIN_METRICS),
+    }
+    text = (run_dir / "reports" / "position_patching.md").read_text()
+    assert "| mode | replace: a patched site gets the source run's activation |" in text and "### Site" not in text
+
+
+def check_pages(run: Path) -> list[str]:
     from plotly.offline import get_plotlyjs
 
     from tests.report.pages import plotly_figures
 
-    figures = run_dir / "figures"
+    figures = run / "figures"
     assert (figures / "plotly.min.js").read_text(encoding="utf-8") == get_plotlyjs()
-    for exp in ("position", "iterative", "layer"):
-        page = figures / f"{exp}.html"
+    pages = sorted(figures.glob("*.html"))
+    for page in pages:
         text = page.read_text()
         assert page.stat().st_size < 1_000_000  # plotly is not inlined
         assert "Plotly.newPlot" in text
@@ -63,9 +87,15 @@ def test_html_pages_share_one_plotly_and_stay_small(run_dir):
         assert re.findall(r"<script[^>]+src=['\"]([^'\"]+)", text) == ["plotly.min.js"]
         for fig in plotly_figures(page):
             meta = fig["layout"]["meta"]
-            if meta["metric"].startswith("kl") and exp != "position":  # KL line plots: a linear/log switch
+            lines = not any(t["type"] == "heatmap" for t in fig["data"])
+            if meta["metric"].startswith("kl") and lines:  # KL line plots: a linear/log switch
                 labels = [b["label"] for menu in fig["layout"]["updatemenus"] for b in menu["buttons"]]
                 assert {"linear", "log"} <= set(labels), fig["id"]
+    return [p.name for p in pages]
+
+
+def test_html_pages_share_one_plotly_and_stay_small(run_dir):
+    assert check_pages(run_dir) == ["iterative.html", "layer.html", "position.html"]
 
 
 def test_position_page_one_colour_scale_and_pair_hovers(run_dir, tmp_path):
@@ -151,6 +181,10 @@ def test_journal_and_inventory(run_dir):
 
 
 def test_report_from_results_alone_is_identical(run_dir, tmp_path):
+    rebuilt_identically(run_dir, tmp_path)
+
+
+def rebuilt_identically(run_dir: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from thoughtpatch.cli import app

@@ -5,6 +5,7 @@ its method."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -58,14 +59,26 @@ def page_violations(run: Path) -> tuple[list[str], int]:
     return bad, seen
 
 
-def test_no_interval_leaves_its_range(run_dir):
-    assert summary_violations(run_dir) == []
-    bad, seen = page_violations(run_dir)
+def _check_run(run: Path, metrics: set[str]) -> None:
+    assert summary_violations(run) == []
+    bad, seen = page_violations(run)
     assert seen > 100 and bad == []
-    shown = [iv for report in sorted((run_dir / "reports").glob("*.md")) for iv in report_intervals(report)]
+    shown = [iv for report in sorted((run / "reports").glob("*.md")) for iv in report_intervals(report)]
     assert len(shown) > 100
-    assert {m for m, *_ in shown} >= {"kl", "flip", "away", "recovered", "logprob_diff", "cos_clean", "norm"}
+    assert {m for m, *_ in shown} >= metrics
     assert [iv for iv in shown if not _inside(iv[0], iv[1], iv[2])] == []
+
+
+def test_no_interval_leaves_its_range(run_dir):
+    _check_run(run_dir, {"kl", "flip", "away", "recovered", "logprob_diff", "cos_clean", "norm"})
+
+
+def test_no_interval_leaves_its_range_on_other_grids(sites_run, trace_run):
+    """Several sites (the head grid too), knockout on both runs, causal tracing (log P(clean
+    answer) ≤ 0, restored, flip back)."""
+    _check_run(sites_run, {"kl", "flip", "away", "recovered", "delta_logprob_diff", "logprob_diff", "cos_clean", "norm"})
+    _check_run(trace_run, {"kl", "kl_to_clean", "logprob_clean", "restored", "flip", "away"})
+    assert metric_range("logprob_clean") == (-math.inf, 0.0)
 
 
 def test_the_check_catches_an_interval_out_of_range(run_dir, tmp_path):

@@ -20,6 +20,7 @@ app = typer.Typer(
 # Registration order = order in --help.
 from thoughtpatch.cli import experiments as _experiments  # noqa: E402,F401
 from thoughtpatch.cli import report as _report  # noqa: E402,F401
+from thoughtpatch.cli import compare as _compare  # noqa: E402,F401
 from thoughtpatch.cli import scale as _scale  # noqa: E402,F401
 from thoughtpatch.cli import model as _model  # noqa: E402,F401
 from thoughtpatch.cli import evaluate as _evaluate  # noqa: E402,F401

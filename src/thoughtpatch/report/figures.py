@@ -20,10 +20,12 @@ import numpy as np
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from thoughtpatch.data.schema import atomic_write_text
-from thoughtpatch.report.intervals import SHORT_METHODS, metric_range
+from thoughtpatch.data.schema import atomic_path, atomic_write_text
+from thoughtpatch.report.intervals import RATIO_METRICS, SHORT_METHODS, metric_range
 from thoughtpatch.report.results import CELL_KEYS
-from thoughtpatch.report.rundata import ACTIVATION_METRICS, LABELS, MAIN_METRICS, SHORT, SIGNED, RunData, layer_key
+from thoughtpatch.report.rundata import (
+    ACTIVATION_METRICS, LABELS, MAIN_METRICS, READERS, SHORT, SIGNED, RunData, label, layer_key, loc_key, loc_name, loc_of, marked, metrics_of, short, table_metrics,
+)
 
 DPI = 200
 RC = {
@@ -42,17 +44,31 @@ RC = {
 RATE = {"flip", "away"}
 SEQ_CMAP, SIGNED_CMAP, RATE_CMAP = "viridis", "RdBu_r", "Purples"
 EXP_COLORS = {"position": "#1f77b4", "iterative": "#d62728", "layer": "#2ca02c"}
+EXP_TITLE = {
+    "position": "Exp 1 position-wise patching", "trace": "Causal tracing", "knockout": "Attention knockout",
+    "iterative": "Exp 2 iterative patching", "layer": "Layer patching",
+}
+EXP_SHORT = {"position": "Exp 1", "trace": "Causal tracing", "knockout": "Knockout", "iterative": "Exp 2", "layer": "Layer patching"}
+STEP = {"position": "thought", "trace": "thought", "knockout": "thought", "iterative": "iteration"}  # a grid's columns
+GRID_EXPS = ("position", "trace", "knockout")  # location × thought heatmaps
 
 
 # ---- helpers -----------------------------------------------------------------------------
 def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, metadata={"Software": None})
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
     return path
 
 
 def _ylabels(layers: list) -> list[str]:
-    return ["input" if l == "input" else str(l) for l in layers]
+    return [loc_name(l) for l in layers]
+
+
+def _steps(data: RunData, exp: str) -> list:
+    """A grid's columns: thoughts (Exp 1, trace, knockout), iterations (Exp 2), or one."""
+    if exp == "iterative":
+        return data.iterations
+    return data.thoughts if exp in STEP else ["all"]
 
 
 def _scale_exp(values: np.ndarray) -> int:
@@ -74,14 +90,19 @@ def _suffix(e: int) -> str:
     return f" (×10$^{{{e}}}$)" if e else ""
 
 
-def _norm_cmap(metric: str, values: np.ndarray) -> tuple[Normalize, str]:
+def _norm_cmap(metric: str, values: np.ndarray, rate_max: float = 1.0) -> tuple[Normalize, str]:
+    """Rates on [0, rate_max] (a sum of K rates: K), signed metrics symmetric about 0, metrics
+    ≥ 0 from 0, others (log P ≤ 0) over their values."""
     finite = values[np.isfinite(values)]
     if metric in RATE:
-        return Normalize(0.0, 1.0), RATE_CMAP
+        return Normalize(0.0, rate_max), RATE_CMAP
     if metric in SIGNED or metric.startswith("delta_"):
         vmax = float(np.abs(finite).max()) if finite.size else 1.0
         vmax = vmax or 1.0
         return Normalize(-vmax, vmax), SIGNED_CMAP
+    if metric_range(metric)[0] != 0 and finite.size and finite.min() < 0:
+        lo, hi = float(finite.min()), float(finite.max())
+        return Normalize(lo, hi if hi > lo else lo + 1.0), SEQ_CMAP
     vmax = float(finite.max()) if finite.size else 1.0
     return Normalize(0.0, vmax if vmax > 0 else 1.0), SEQ_CMAP
 
@@ -91,13 +112,31 @@ def _text_color(rgba) -> str:
     return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.55 else "white"
 
 
-def _grid(data: RunData, metric: str, what: str = "mean") -> np.ndarray:
-    """Exp 1 layer × thought grid of one summary number (NaN where a cell is missing)."""
-    M = np.full((len(data.layers), len(data.thoughts)), np.nan)
-    for i, l in enumerate(data.layers):
-        for j, k in enumerate(data.thoughts):
-            M[i, j] = data.stat("position", data.key("position", layer=l, thought=k), metric, what)
+def _key(data: RunData, exp: str, loc, step):
+    return data.key(exp, loc=loc, **({STEP[exp]: step} if exp in STEP else {}))
+
+
+def _grid(data: RunData, metric: str, what: str = "mean", exp: str = "position") -> np.ndarray:
+    """One grid's location × thought (Exp 2: × iteration) array of one summary number (NaN
+    where a cell is missing); `data` is a view of one grid."""
+    locs, steps = data.locs(exp), _steps(data, exp)
+    M = np.full((len(locs), len(steps)), np.nan)
+    for i, l in enumerate(locs):
+        for j, k in enumerate(steps):
+            M[i, j] = data.stat(exp, _key(data, exp, l, k), metric, what)
     return M
+
+
+def _head_grids(data: RunData, exp: str, metric: str) -> tuple[list, list, list, np.ndarray]:
+    """The head site's grids: (layers, heads, steps, [steps, layers, heads] means)."""
+    locs, steps = data.locs(exp), _steps(data, exp)
+    layers = sorted({l for l, _ in locs}, key=layer_key)
+    heads = sorted({h for _, h in locs})
+    G = np.full((len(steps), len(layers), len(heads)), np.nan)
+    for (l, h) in locs:
+        for s, k in enumerate(steps):
+            G[s, layers.index(l), heads.index(h)] = data.stat(exp, _key(data, exp, (l, h), k), metric)
+    return layers, heads, steps, G
 
 
 def ci_name(data: RunData, exp: str, metric: str) -> str:
@@ -120,7 +159,7 @@ def _log_axis(ax, values) -> None:
     ax.set_ylim(bottom=v[np.isfinite(v) & (v > 0)].min() / 3)  # interval ends at 0 run off the bottom
 
 
-def _draw_heatmap(fig: Figure, ax, M: np.ndarray, metric: str, layers: list, thoughts: list, annotate: bool, fontsize: float = 7.5, colorbar: bool = True, norm_cmap=None, scale: int | None = None):
+def _draw_heatmap(fig: Figure, ax, M: np.ndarray, metric: str, layers: list, thoughts: list, annotate: bool, fontsize: float = 7.5, colorbar: bool = True, norm_cmap=None, scale: int | None = None, exp: str | None = None, fmt: str | None = None, cbar_label: str | None = None):
     e = _scale_exp(M) if scale is None else scale
     S = M / 10.0**e
     norm, cmap_name = norm_cmap or _norm_cmap(metric, S)
@@ -132,7 +171,7 @@ def _draw_heatmap(fig: Figure, ax, M: np.ndarray, metric: str, layers: list, tho
     for s in ax.spines.values():
         s.set_visible(False)
     if annotate:
-        fmt = _fmt_for(S)
+        fmt = fmt or _fmt_for(S)
         for i in range(S.shape[0]):
             for j in range(S.shape[1]):
                 v = S[i, j]
@@ -144,14 +183,20 @@ def _draw_heatmap(fig: Figure, ax, M: np.ndarray, metric: str, layers: list, tho
     cb = None
     if colorbar:
         cb = fig.colorbar(im, ax=ax, fraction=0.06, pad=0.03)
-        cb.set_label(SHORT.get(metric, metric) + _suffix(e) + (" (+ = clean)" if metric in ("answer_logit_diff", "logprob_diff") else ""))
+        cb.set_label((cbar_label or short(metric, exp)) + _suffix(e) + (" (+ = clean)" if metric in ("answer_logit_diff", "logprob_diff") else ""))
         cb.ax.tick_params(labelsize=7)
     return im, e
 
 
 def _subtitle(data: RunData, exp: str) -> str:
     n = data.n_pairs(exp)
-    return f"{data.model_name} · {data.direction} · mean over n = {n} pair{'s' if n != 1 else ''}"
+    if exp == "trace":
+        cfg = data.manifest.get("config", {})
+        noised = "number tokens" if cfg.get("noise_tokens", "numbers") == "numbers" else "question tokens"
+        return (f"{data.model_name} · {noised} noised (seed {cfg.get('seed', 0)}) · "
+                f"mean over n = {n} question{'s' if n != 1 else ''}")
+    how = "" if exp == "knockout" else f" · {data.direction}"
+    return f"{data.model_name}{how} · mean over n = {n} pair{'s' if n != 1 else ''}"
 
 
 def _series(data: RunData, exp: str, keys: list[tuple], metric: str, what=("mean", "ci_low", "ci_high")) -> tuple[np.ndarray, ...]:
@@ -185,14 +230,17 @@ def _ref_lines(ax, data: RunData, exp: str, key: tuple, metric: str) -> None:
         ax.axhline(src, color="0.15", ls="--", lw=1, label=f"{data.source_role} run (source)")
 
 
-def _refs(data: RunData, metric: str) -> str:
-    """Where the unpatched runs sit on log-prob diff (mean over pairs), for the heatmap title."""
-    if metric != "logprob_diff" or "position" not in data.rows:
+def _refs(data: RunData, metric: str, exp: str = "position") -> str:
+    """Where the unpatched runs sit on log-prob diff (trace: log P(clean)), mean over pairs,
+    for the heatmap title."""
+    if metric not in ("logprob_diff", "logprob_clean") or exp not in data.rows:
         return ""
-    rows = data.rows["position"]
-    rec = np.nanmean([r["logprob_diff_receiving"] for r in rows])
-    src = np.nanmean([r["logprob_diff_source"] for r in rows])
-    return f"\nunpatched runs: {data.receiving_role} {rec:.3g}, {data.source_role} {src:.3g}"
+    rows = data.rows[exp]
+    rec_role, src_role = data.roles_of(exp)
+    got = [(role, np.nanmean([r[col] for r in rows])) for role, col in ((rec_role, f"{metric}_receiving"), (src_role, f"{metric}_source")) if role and col in rows[0]]
+    if not got:
+        return ""
+    return f"\nunpatched run{'s' if len(got) > 1 else ''}: " + ", ".join(f"{role} {v:.3g}" for role, v in got)
 
 
 def _zero_line(ax, metric: str) -> None:
@@ -200,39 +248,156 @@ def _zero_line(ax, metric: str) -> None:
         ax.axhline(0, color="0.75", lw=0.8, zorder=0)
 
 
-# ---- Exp 1: heatmaps ------------------------------------------------------------------------
-def position_heatmaps(data: RunData, out: Path) -> list[Path]:
+# ---- Exp 1, causal tracing, knockout: location × thought heatmaps ---------------------------
+XLABEL = {"position": "thought k (the one patched position)", "trace": "thought k (the one restored position)", "knockout": "thought k (whose key is blocked)"}
+# The overview sheet of each grid experiment: its main metrics and one more.
+OVERVIEW = {"position": MAIN_METRICS + ("kl_to_clean",), "trace": table_metrics("trace"), "knockout": table_metrics("knockout")}
+
+
+def _row_label(locs: list, short_form: bool = False) -> str:
+    if "input" in locs:
+        return "layer (input = fed z$_k$)" if short_form else "layer (input = fed thought z$_k$)"
+    return "layer"
+
+
+def grid_heatmaps(data: RunData, exp: str, out: Path) -> list[Path]:
+    """One heatmap per main metric and an overview sheet of one grid (a view of one site, or
+    of one knockout run): rows are locations, columns thoughts."""
     paths = []
-    L, K = len(data.layers), len(data.thoughts)
+    locs = data.locs(exp)
+    L, K = len(locs), len(data.thoughts)
+    name, tag = f"{exp}{data.tag}", data.grid_tag(exp)
     with mpl.rc_context(RC):
-        for metric in MAIN_METRICS:
-            M = _grid(data, metric)
+        for metric in metrics_of(exp):
+            M = _grid(data, metric, exp=exp)
             fig = Figure(figsize=(max(6.2, 1.6 + 0.8 * K + 1.0), 1.5 + 0.36 * L), layout="constrained")
             ax = fig.add_subplot()
-            _draw_heatmap(fig, ax, M, metric, data.layers, data.thoughts, annotate=True, fontsize=7.5 if K <= 8 else 6)
-            ax.set_xlabel("thought k (the one patched position)")
-            ax.set_ylabel("layer (input = fed thought z$_k$)")
-            ax.set_title(f"Exp 1 position-wise patching: {LABELS[metric]}\n{_subtitle(data, 'position')}{_refs(data, metric)}", loc="left")
-            paths.append(_save(fig, out / f"position_heatmap_{metric}.png"))
-        # One overview sheet of every main metric and KL to source (the README figure).
-        ov = MAIN_METRICS + ("kl_to_clean",)
-        fig = Figure(figsize=(3 * (0.6 * K + 1.9), 2 * (0.3 * L + 1.1) + 0.5), layout="constrained")
-        axes = fig.subplots(2, 3, sharey=True).ravel()
+            _draw_heatmap(fig, ax, M, metric, locs, data.thoughts, annotate=True, fontsize=7.5 if K <= 8 else 6, exp=exp)
+            ax.set_xlabel(XLABEL[exp])
+            ax.set_ylabel(_row_label(locs))
+            ax.set_title(f"{EXP_TITLE[exp]}{tag}: {label(metric, exp)}\n{_subtitle(data, exp)}{_refs(data, metric, exp)}", loc="left")
+            paths.append(_save(fig, out / f"{name}_heatmap_{metric}.png"))
+        # One overview sheet of every main metric and one more (Exp 1's is the README figure).
+        ov = OVERVIEW[exp]
+        ncols = math.ceil(len(ov) / 2)
+        fig = Figure(figsize=(ncols * (0.6 * K + 1.9), 2 * (0.3 * L + 1.1) + 0.5), layout="constrained")
+        axes = fig.subplots(2, ncols, sharey=True).ravel()
         for ax, metric in zip(axes, ov):
-            _draw_heatmap(fig, ax, _grid(data, metric), metric, data.layers, data.thoughts, annotate=L * K <= 130, fontsize=6.5)
-            ax.set_title(LABELS[metric], fontsize=9)
-        for ax in axes[3:]:
+            _draw_heatmap(fig, ax, _grid(data, metric, exp=exp), metric, locs, data.thoughts, annotate=L * K <= 130, fontsize=6.5, exp=exp)
+            ax.set_title(label(metric, exp), fontsize=9)
+        for ax in axes[ncols:]:
             ax.set_xlabel("thought k")
-        for ax in axes[::3]:
-            ax.set_ylabel("layer (input = fed z$_k$)")
-        fig.suptitle(f"Exp 1 position-wise patching — {_subtitle(data, 'position')}{_refs(data, 'logprob_diff')}", x=0.0, ha="left")
-        paths.append(_save(fig, out / "position_heatmaps.png"))
+        for ax in axes[::ncols]:
+            ax.set_ylabel(_row_label(locs, short_form=True))
+        for ax in axes[len(ov):]:
+            ax.set_axis_off()
+        ref = "logprob_clean" if exp == "trace" else "logprob_diff"
+        fig.suptitle(f"{EXP_TITLE[exp]}{tag} — {_subtitle(data, exp)}{_refs(data, ref, exp)}", x=0.0, ha="left")
+        paths.append(_save(fig, out / f"{name}_heatmaps.png"))
+    return paths
+
+
+def position_heatmaps(data: RunData, out: Path) -> list[Path]:
+    return grid_heatmaps(data, "position", out)
+
+
+# ---- the head site: layer × head grids ------------------------------------------------------
+def _head_panels(fig: Figure, panels: list[tuple[str, np.ndarray, str, float]], layers: list, heads: list, ncols: int, shared: int, exp: str) -> None:
+    """Layer × head panels (title, [layers, heads] grid, metric, top of a rate's scale): the
+    first `shared` on one colour scale and one colour bar, each other with its own."""
+    nrows = math.ceil(len(panels) / ncols)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    annotate = len(layers) * len(heads) <= 64
+    panels = [p for p in panels if p is not None]  # None: an empty cell
+    allv = np.concatenate([M.ravel() for _, M, _, _ in panels[:shared]] or [np.array([np.nan])])
+    e = _scale_exp(allv)
+    nc = _norm_cmap(panels[0][2], allv / 10.0**e)
+    fmt = _fmt_for(allv / 10.0**e)
+    im = None
+    for idx, ax in enumerate(axes):
+        if idx >= len(panels):
+            ax.set_axis_off()
+            continue
+        title, M, metric, rate_max = panels[idx]
+        if idx < shared:
+            im, _ = _draw_heatmap(fig, ax, M, metric, layers, heads, annotate=annotate, fontsize=6.5, colorbar=False, norm_cmap=nc, scale=e, exp=exp, fmt=fmt)
+        else:
+            own = _scale_exp(M)
+            _draw_heatmap(fig, ax, M, metric, layers, heads, annotate=annotate, fontsize=6.5, norm_cmap=_norm_cmap(metric, M / 10.0**own, rate_max=rate_max), scale=own, exp=exp)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("layer" if idx % ncols == 0 else "")
+        if idx + ncols >= len(panels) or ncols == 1:
+            ax.set_xlabel("head")
+    if shared and im is not None:
+        cb = fig.colorbar(im, ax=list(axes[:shared]), fraction=0.04, pad=0.01, shrink=0.8)
+        cb.set_label(short(panels[0][2], exp) + _suffix(e) + (" (same scale in these panels)" if shared > 1 else ""))
+
+
+# Exp 2 on the head site: a sheet of layer × head grids per iteration for these (every metric
+# is on the interactive page).
+ITERATIVE_HEAD = ("kl", "recovered", "flip", "cos_clean")
+
+
+def _head_size(layers: list, heads: list) -> tuple[float, float]:
+    return 0.32 * len(heads) + 1.2, 0.26 * len(layers) + 0.9  # one panel, inches
+
+
+def _thought_sum(G: np.ndarray) -> np.ndarray:
+    """Σ over thoughts of the per-cell means ([steps, layers, heads] → [layers, heads])."""
+    return np.where(np.isfinite(G).any(axis=0), np.nansum(G, axis=0), np.nan)
+
+
+def head_sheet(data: RunData, exp: str, metric: str) -> Figure:
+    """The head site, one metric: a layer × head grid per thought (Exp 2: per iteration) on one
+    colour scale, and beside them (Exp 1, causal tracing) the thought-summed grid on its own."""
+    layers, heads, steps, G = _head_grids(data, exp, metric)
+    summed = exp in ("position", "trace")
+    pw, ph = _head_size(layers, heads)
+    word = STEP[exp]
+    panels = [(f"{word} {k}", G[s], metric, 1.0) for s, k in enumerate(steps)]
+    ncols = math.ceil(len(panels) / math.ceil(len(panels) / 4))
+    nrows = math.ceil(len(panels) / ncols)
+    with mpl.rc_context(RC):
+        fig = Figure(figsize=((ncols + summed) * pw + 1.8 + 0.6 * summed, nrows * ph + 1.4), layout="constrained")
+        # the thought-summed grid stands apart, on its own scale
+        left, right = fig.subfigures(1, 2, width_ratios=[ncols * pw + 1.2, pw + 0.6]) if summed else (fig, None)
+        _head_panels(left, panels, layers, heads, ncols, shared=len(panels), exp=exp)
+        if right is not None:
+            total = (f"Σ over thoughts: {short(metric, exp)}", _thought_sum(G), metric, float(len(steps)))
+            _head_panels(right, [total] + [None] * (nrows - 1), layers, heads, 1, shared=0, exp=exp)
+        last = "\nright: Σ over thoughts of the per-cell means (its own colour scale)" if summed else ""
+        fig.suptitle(f"{EXP_TITLE[exp]}{data.grid_tag(exp)}: {label(metric, exp)}\nlayer × head, one panel per {word} (one colour scale){last} · {_subtitle(data, exp)}", x=0.0, ha="left")
+    return fig
+
+
+def head_heatmaps(data: RunData, exp: str, out: Path) -> list[Path]:
+    """The head site: a `head_sheet` per main metric (Exp 2: per ITERATIVE_HEAD metric), and an
+    overview of every metric's thought-summed grid (layer patching: its one grid per metric)."""
+    paths = []
+    sheets = ITERATIVE_HEAD if exp == "iterative" else () if exp == "layer" else metrics_of(exp)
+    for metric in sheets:
+        paths.append(_save(head_sheet(data, exp, metric), out / f"{exp}{data.tag}_heatmap_{metric}.png"))
+    if exp in ("position", "trace", "layer"):
+        overview = []
+        for metric in CURVE_METRICS if exp == "layer" else OVERVIEW[exp]:
+            layers, heads, _, G = _head_grids(data, exp, metric)
+            overview.append((label(metric, exp), G[0], metric, 1.0) if exp == "layer" else (f"Σ over thoughts: {short(metric, exp)}", _thought_sum(G), metric, float(G.shape[0])))
+        pw, ph = _head_size(layers, heads)
+        with mpl.rc_context(RC):
+            ncols = 3
+            fig = Figure(figsize=(ncols * pw + 1.5, math.ceil(len(overview) / ncols) * (ph + 0.3) + 1.0), layout="constrained")
+            _head_panels(fig, overview, layers, heads, ncols, shared=0, exp=exp)
+            what = "every thought patched at once, per (layer, head)" if exp == "layer" else "Σ over thoughts of the per-cell means (layer × head)"
+            fig.suptitle(f"{EXP_TITLE[exp]}{data.grid_tag(exp)}: {what}\n{_subtitle(data, exp)}", x=0.0, ha="left")
+            paths.append(_save(fig, out / f"{exp}{data.tag}_heatmaps.png"))
     return paths
 
 
 def _pair_value(metric: str) -> Callable[[dict], float]:
-    if metric == "delta_logprob_diff":
-        return lambda r: float(r["logprob_diff"]) - float(r["logprob_diff_receiving"])
+    """A row's value of `metric`; delta_X = X − X of the unpatched (receiving) run."""
+    if metric.startswith("delta_"):
+        base = metric[len("delta_"):]
+        return lambda r: float(r[base]) - float(r[f"{base}_receiving"])
     return lambda r: float(r[metric])
 
 
@@ -240,7 +405,18 @@ PER_PAIR = {
     "kl": "KL(patched ‖ receiving)",
     "delta_logprob_diff": "Δ log-prob diff vs the unpatched run (> 0: towards clean)",
 }
-PER_PAIR_SHORT = {"kl": "KL", "delta_logprob_diff": "Δ log-prob diff"}
+PER_PAIR_OF = {
+    "position": PER_PAIR,
+    "knockout": {"kl": "KL(knocked out ‖ unpatched)", "delta_logprob_diff": "Δ log-prob diff vs the unpatched run (> 0: towards clean)"},
+    "trace": {"kl": "KL(restored ‖ noised)", "delta_logprob_clean": "Δ log P(clean answer) vs the noised run (> 0: restored)"},
+}
+PER_PAIR_SHORT = {"kl": "KL", "delta_logprob_diff": "Δ log-prob diff", "delta_logprob_clean": "Δ log P(clean)"}
+# What the dot of a per-pair cell says, and what a unit is.
+MARK_WORDS = {"position": "answer flips to the {src} answer", "trace": "answer flips back to the clean answer", "knockout": "answer moves away from the unpatched run's"}
+
+
+def unit(exp: str) -> str:
+    return "question" if exp == "trace" else "pair"
 
 
 PAIRS_PER_PAGE, PAGE_COLS = 12, 4
@@ -249,36 +425,42 @@ PAIRS_PER_PAGE, PAGE_COLS = 12, 4
 PAGE_WIDTH_IN, PAIR_TITLE_PT = 9.0, 9
 
 
-def pair_grids(data: RunData, metric: str) -> tuple[list[int], dict[int, np.ndarray], dict[int, np.ndarray], dict[int, list]]:
-    """Exp 1 per pair: value grid, flip grid and patched answers (layer × thought) of each pair."""
-    by_pair = data.pair_rows("position")
+def pair_grids(data: RunData, metric: str, exp: str = "position") -> tuple[list[int], dict[int, np.ndarray], dict[int, np.ndarray], dict[int, list]]:
+    """One grid per pair: value grid, mark grid (the answer flipped; knockout: moved away) and
+    patched answers (location × thought, Exp 2: × iteration) of each pair."""
+    by_pair = data.pair_rows(exp)
     pids = [p for p in data.pair_ids if p in by_pair] or sorted(by_pair)
-    li = {l: i for i, l in enumerate(data.layers)}
-    ki = {k: j for j, k in enumerate(data.thoughts)}
-    get = _pair_value(metric)
+    li = {l: i for i, l in enumerate(data.locs(exp))}
+    step = STEP[exp]
+    ki = {k: j for j, k in enumerate(_steps(data, exp))}
+    get, mark = _pair_value(metric), marked(exp)
     grids, flips, answers = {}, {}, {}
     for pid in pids:
         G = np.full((len(li), len(ki)), np.nan)
         F = np.zeros((len(li), len(ki)), bool)
         A = [["" for _ in ki] for _ in li]
         for r in by_pair[pid]:
-            if r["layer"] in li and r["thought"] in ki:
-                i, j = li[r["layer"]], ki[r["thought"]]
-                G[i, j], F[i, j], A[i][j] = get(r), bool(r.get("flip")), r.get("answer")
+            loc = loc_of(r)
+            if loc in li and r[step] in ki:
+                i, j = li[loc], ki[r[step]]
+                G[i, j], F[i, j], A[i][j] = get(r), bool(r.get(mark)), r.get("answer")
         grids[pid], flips[pid], answers[pid] = G, F, A
     return pids, grids, flips, answers
 
 
-def position_per_pair(data: RunData, out: Path) -> list[Path]:
+def position_per_pair(data: RunData, out: Path, exp: str = "position") -> list[Path]:
     """Small multiples, at most PAIRS_PER_PAGE pairs a sheet so they stay readable at report
     width; one colour scale for every sheet of a metric; dots mark cells where the greedy
-    answer flipped to the source run's answer."""
+    answer flipped to the source run's answer (knockout: moved away from the unpatched one)."""
     paths = []
-    L, K = len(data.layers), len(data.thoughts)
+    locs = data.locs(exp)
+    L, K = len(locs), len(data.thoughts)
     ncols = PAGE_COLS
+    what = MARK_WORDS[exp].format(src=data.source_role)
+    rows_are = "layer (bottom = input z$_k$)" if "input" in locs else "layer"
     with mpl.rc_context(RC):
-        for metric, label in PER_PAIR.items():
-            pids, grids, flips, _ = pair_grids(data, metric)
+        for metric, label in PER_PAIR_OF[exp].items():
+            pids, grids, flips, _ = pair_grids(data, metric, exp)
             allv = np.concatenate([g.ravel() for g in grids.values()])
             e = _scale_exp(allv)
             nc = _norm_cmap(metric, allv / 10.0**e)
@@ -293,12 +475,12 @@ def position_per_pair(data: RunData, out: Path) -> list[Path]:
                         ax.set_axis_off()
                         continue
                     pid = chunk[idx]
-                    im, _ = _draw_heatmap(fig, ax, grids[pid], metric, data.layers, data.thoughts, annotate=False, colorbar=False, norm_cmap=nc, scale=e)
+                    im, _ = _draw_heatmap(fig, ax, grids[pid], metric, locs, data.thoughts, annotate=False, colorbar=False, norm_cmap=nc, scale=e)
                     ys, xs = np.nonzero(flips[pid])
                     if len(xs):
                         ax.scatter(xs, ys, s=22, c="black", marker="o", edgecolors="white", linewidths=0.7)
-                    nflip = int(flips[pid].sum())
-                    ax.set_title(f"pair {pid}" + (f" · {nflip} flip{'s' if nflip != 1 else ''}" if nflip else ""), fontsize=PAIR_TITLE_PT, pad=2)
+                    nflip, moved = int(flips[pid].sum()), "moved" if exp == "knockout" else "flip"
+                    ax.set_title(f"{unit(exp)} {pid}" + (f" · {nflip} {moved}{'s' if nflip != 1 and moved == 'flip' else ''}" if nflip else ""), fontsize=PAIR_TITLE_PT, pad=2)
                     ax.tick_params(labelsize=7, length=0, pad=1)
                     if idx % ncols:
                         ax.set_yticklabels([])
@@ -308,11 +490,11 @@ def position_per_pair(data: RunData, out: Path) -> list[Path]:
                     cb = fig.colorbar(im, ax=list(axes), fraction=0.04, pad=0.01, shrink=0.8)
                     cb.set_label(PER_PAIR_SHORT[metric] + _suffix(e) + " (same scale on every sheet)")
                 fig.suptitle(
-                    f"Exp 1 per pair ({page}/{len(pages)}: pairs {chunk[0]}–{chunk[-1]}): {label}\n"
-                    f"rows: layer (bottom = input z$_k$), columns: thought k · dot = answer flips to the {data.source_role} answer",
+                    f"{EXP_SHORT[exp]}{data.grid_tag(exp)} per {unit(exp)} ({page}/{len(pages)}: {unit(exp)}s {chunk[0]}–{chunk[-1]}): {label}\n"
+                    f"rows: {rows_are}, columns: thought k · dot = {what}",
                     x=0.0, ha="left", fontsize=10,
                 )
-                paths.append(_save(fig, out / f"position_per_pair_{metric}_{page}.png"))
+                paths.append(_save(fig, out / f"{exp}{data.tag}_per_pair_{metric}_{page}.png"))
     return paths
 
 
@@ -321,12 +503,12 @@ CURVE_METRICS = ("kl", "kl_to_clean", "answer_logit_diff", "logprob_diff", "reco
 
 
 def layer_curve(data: RunData, out: Path) -> list[Path]:
-    layers = [l for l in data.layers if data.key("layer", layer=l) in data.cells("layer")]
+    layers = data.locs("layer")
     x = np.arange(len(layers))
     with mpl.rc_context(RC):
         fig = Figure(figsize=(max(9.0, 3 * (0.25 * len(layers) + 1.6)), 6.0), layout="constrained")
         axes = fig.subplots(2, 3).ravel()
-        keys = [data.key("layer", layer=l) for l in layers]
+        keys = [data.key("layer", loc=l) for l in layers]
         for ax, metric in zip(axes, CURVE_METRICS):
             m, lo, hi = _series(data, "layer", keys, metric)
             _zero_line(ax, metric)
@@ -343,15 +525,15 @@ def layer_curve(data: RunData, out: Path) -> list[Path]:
                 handles, labels = ax.get_legend_handles_labels()
         # Below the panels: inside one, the legend sat on the reference lines it explains.
         fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
-        fig.suptitle(f"Layer patching: every thought at one layer — {_subtitle(data, 'layer')}", x=0.0, ha="left")
-        return [_save(fig, out / "layer_curve.png")]
+        fig.suptitle(f"Layer patching{data.grid_tag('layer')}: every thought at one layer — {_subtitle(data, 'layer')}", x=0.0, ha="left")
+        return [_save(fig, out / f"layer{data.tag}_curve.png")]
 
 
 # ---- Exp 2: trajectories ---------------------------------------------------------------------
 def iterative_trajectories(data: RunData, out: Path) -> list[Path]:
     its = data.iterations
-    key = lambda l, i: data.key("iterative", layer=l, iteration=i)  # noqa: E731
-    layers = [l for l in data.layers if any(key(l, i) in data.cells("iterative") for i in its)]
+    key = lambda l, i: data.key("iterative", loc=l, iteration=i)  # noqa: E731
+    layers = data.locs("iterative")
     colors = _layer_colors(layers)
     x = np.array(its)
     paths = []
@@ -385,14 +567,13 @@ def iterative_trajectories(data: RunData, out: Path) -> list[Path]:
                 ax.set_axis_off()
             handles, labels = axes[0].get_legend_handles_labels()
             fig.legend(handles, labels, loc="outside right center", frameon=False, title="layer", ncols=1 if len(layers) <= 20 else 2)
-            fig.suptitle(f"{title} (mean; band = 95 % CI, method per panel)\n{_subtitle(data, 'iterative')} · iteration 0 = Exp 1 at thought 0", x=0.0, ha="left")
-            paths.append(_save(fig, out / f"{name}.png"))
+            fig.suptitle(f"{title}{data.grid_tag('iterative')} (mean; band = 95 % CI, method per panel)\n{_subtitle(data, 'iterative')} · iteration 0 = Exp 1 at thought 0", x=0.0, ha="left")
+            paths.append(_save(fig, out / f"{name.replace('iterative', 'iterative' + data.tag)}.png"))
     return paths
 
 
 # ---- Exp 1 vs Exp 2 vs layer patching -------------------------------------------------------
 COMPARE_METRICS = ("kl", "logprob_diff")
-STEP = {"position": "thought", "iterative": "iteration"}  # the cell key the x axis runs over
 
 
 def comparison(data: RunData, out: Path) -> list[Path]:
@@ -401,7 +582,7 @@ def comparison(data: RunData, out: Path) -> list[Path]:
         return []
     its = data.iterations
     xs = sorted(set(data.thoughts) | set(its)) if "iterative" in have else data.thoughts
-    layers = data.layers
+    layers = sorted({l for e in have for l in data.locs(e)}, key=loc_key)
     ncols = min(6, len(layers))
     nrows = math.ceil(len(layers) / ncols)
     paths = []
@@ -413,22 +594,22 @@ def comparison(data: RunData, out: Path) -> list[Path]:
             for ax, l in zip(axes, layers):
                 _zero_line(ax, metric)
                 ref_exp = "layer" if "layer" in have else have[0]
-                ref_key = data.key(ref_exp, layer=l, **({} if ref_exp == "layer" else {STEP[ref_exp]: 0}))
+                ref_key = data.key(ref_exp, loc=l, **({} if ref_exp == "layer" else {STEP[ref_exp]: 0}))
                 _ref_lines(ax, data, ref_exp, ref_key, metric)
-                if "layer" in have and data.key("layer", layer=l) in data.cells("layer"):
-                    m, lo, hi = data.interval("layer", data.key("layer", layer=l), metric)
+                if "layer" in have and data.key("layer", loc=l) in data.cells("layer"):
+                    m, lo, hi = data.interval("layer", data.key("layer", loc=l), metric)
                     ax.axhline(m, color=EXP_COLORS["layer"], lw=1.4, label="layer patching (all thoughts)")
                     if np.isfinite(lo):
                         ax.axhspan(lo, hi, color=EXP_COLORS["layer"], alpha=0.08, lw=0)
                     means.append([m])
                 if "position" in have:
-                    keys = {k: data.key("position", layer=l, thought=k) for k in data.thoughts}
+                    keys = {k: data.key("position", loc=l, thought=k) for k in data.thoughts}
                     ks = [k for k in data.thoughts if keys[k] in data.cells("position")]
                     m, lo, hi = _series(data, "position", [keys[k] for k in ks], metric)
                     _band(ax, np.array(ks), m, lo, hi, EXP_COLORS["position"], label=f"Exp 1: {data.source_role} activation at thought k only", alpha=0.10)
                     means.append(m)
                 if "iterative" in have:
-                    keys = {i: data.key("iterative", layer=l, iteration=i) for i in its}
+                    keys = {i: data.key("iterative", loc=l, iteration=i) for i in its}
                     ii = [i for i in its if keys[i] in data.cells("iterative")]
                     m, lo, hi = _series(data, "iterative", [keys[i] for i in ii], metric)
                     _band(ax, np.array(ii), m, lo, hi, EXP_COLORS["iterative"], label="Exp 2: chained $a_i$ at thought i only", marker="s", ls="--", alpha=0.10)
@@ -448,9 +629,9 @@ def comparison(data: RunData, out: Path) -> list[Path]:
             handles, labels = axes[0].get_legend_handles_labels()
             fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3), frameon=False)
             fig.suptitle(
-                f"Exp 1 vs Exp 2 vs layer patching: {LABELS[metric]} (mean; band = {ci_name(data, have[0], metric)})\n"
+                f"Exp 1 vs Exp 2 vs layer patching{data.grid_tag(have[0])}: {LABELS[metric]} (mean; band = {ci_name(data, have[0], metric)})\n"
                 f"{data.model_name} · {data.direction} · n = {max(data.n_pairs(e) for e in have)} pairs", x=0.0, ha="left")
-            paths.append(_save(fig, out / f"comparison_{metric}.png"))
+            paths.append(_save(fig, out / f"comparison{data.tag}_{metric}.png"))
     return paths
 
 
@@ -505,7 +686,7 @@ def colour_range(metric: str, mean: np.ndarray, pairs: list[np.ndarray]) -> tupl
     if metric in RATE:
         return 0.0, 1.0, ""
     top = float(np.abs(allv).max()) if allv.size else 1.0
-    if metric == "recovered":
+    if metric in RATIO_METRICS:
         # per-pair ratios explode where a pair's two runs barely differ; keep 0…1 readable
         r = max(1.0, float(np.nanmax(np.abs(mean))) if np.isfinite(mean).any() else 1.0)
         return -r, r, f" Per-pair ratios beyond ±{r:.3g} saturate the colour."
@@ -544,75 +725,102 @@ def _hover_text(s: str, width: int = 80) -> str:
     return "<br>".join(html.escape(line).replace("%{", "% {") for line in textwrap.wrap(str(s), width)) or "?"
 
 
-def _pair_lines(pair: dict) -> str:
+def _pair_lines(pair: dict, exp: str = "position") -> str:
     c, r = pair.get("clean", {}), pair.get("corrupted", {})
+    if exp == "trace":  # one question, noised on the other side
+        return f"question: {_hover_text(c.get('question', '?'))} (answer {_answer(c.get('answer'))})"
     return f"clean: {_hover_text(c.get('question', '?'))} (answer {_answer(c.get('answer'))})<br>corrupted: {_hover_text(r.get('question', '?'))} (answer {_answer(r.get('answer'))})"
 
 
-def _pair_title(pid: int, pair: dict) -> str:
+def _pair_title(pid: int, pair: dict, exp: str = "position") -> str:
     c, r = pair.get("clean", {}), pair.get("corrupted", {})
+    if exp == "trace":
+        return f"question {pid}: {_hover_text(c.get('question', '?'), 120)} → {_answer(c.get('answer'))}"
     return f"pair {pid} · clean: {_hover_text(c.get('question', '?'), 120)} → {_answer(c.get('answer'))}<br>corrupted: {_hover_text(r.get('question', '?'), 120)} → {_answer(r.get('answer'))}"
 
 
-def position_html(data: RunData, out: Path) -> list[Path]:
-    """Exp 1 heatmaps: the mean view (hover: mean, interval and its method, n) and, on a
-    slider, every pair (hover: the pair's questions and answers, the patched answer), all on
-    one colour scale per metric; ● marks cells whose answer flips to the source answer."""
+PAGE_METRICS = {"position": MAIN_METRICS + ("kl_to_clean",), "iterative": None}
+PAGE_TITLE = {
+    "position": "Exp 1 — position-wise patching", "trace": "Causal tracing", "knockout": "Attention knockout", "iterative": "Exp 2 — iterative patching",
+}
+
+
+def _intro(data: RunData, exp: str) -> str:
+    src = data.source_role
+    return {
+        "position": f"Exp 1, position-wise patching: each (layer, thought) site alone gets the {src} activation.",
+        "trace": "Causal tracing: the question's number tokens are noised; each (layer, thought) site alone is restored from the clean run.",
+        "knockout": f"Attention knockout: in block l, {READERS.get(data.readers(), data.readers())} do not attend to thought k's key (pre-softmax score −inf).",
+        "iterative": f"Exp 2, iterative patching: iteration i patches (layer, head, i) with the activation the previous iteration produced (iteration 0: the {src} activation).",
+    }[exp]
+
+
+def position_html(data: RunData, out: Path, exp: str = "position") -> list[Path]:
+    """One grid's heatmaps (Exp 1, causal tracing, knockout; Exp 2 on the head site): the mean
+    view (hover: mean, interval and its method, n) and, on a slider, every pair (hover: the
+    pair's questions and answers, the patched answer), all on one colour scale per metric;
+    ● marks cells whose answer flips to the source answer (knockout: moves away)."""
     import plotly.graph_objects as go
 
-    exp = "position"
-    ylab = _ylabels(data.layers)
-    xlab = [str(k) for k in data.thoughts]
+    locs = data.locs(exp)
+    ylab = _ylabels(locs)
+    step = STEP[exp]
+    xlab = [str(k) for k in _steps(data, exp)]
+    where = "layer.head" if data.head_site else "layer"
     pairs = {p["pair_id"]: p for p in data.pairs}
     n_pairs = data.n_pairs(exp)
-    mean_title = f"mean over n = {n_pairs} pairs"
+    u = unit(exp)
+    mean_title = f"mean over n = {n_pairs} {u}s"
+    mark = MARK_WORDS.get(exp, "answer flips to the {src} answer").format(src=data.source_role)
+    metrics = PAGE_METRICS.get(exp, table_metrics(exp)) or CURVE_METRICS + ACTIVATION_METRICS
     sections = []
-    for metric in MAIN_METRICS + ("kl_to_clean",):
+    for metric in metrics:
         method = ci_name(data, exp, metric)
-        M, LO, HI, N = (_grid(data, metric, w) for w in ("mean", "ci_low", "ci_high", "n"))
-        pids, grids, flips, answers = pair_grids(data, metric)
+        M, LO, HI, N = (_grid(data, metric, w, exp=exp) for w in ("mean", "ci_low", "ci_high", "n"))
+        pids, grids, flips, answers = pair_grids(data, metric, exp)
         zmin, zmax, saturate = colour_range(metric, M, list(grids.values()))
-        what = "ratio of means" if metric == "recovered" else "mean"
+        what = "ratio of means" if metric in RATIO_METRICS else "mean"
         custom = [[[f"[{_num(lo)}, {_num(hi)}]", "n/a" if not np.isfinite(n) else str(int(n)), _num(m)] for m, lo, hi, n in zip(*rows)] for rows in zip(M, LO, HI, N)]
         fig = go.Figure()
         fig.add_trace(go.Heatmap(
             z=[[_r(v) for v in row] for row in M], x=xlab, y=ylab, text=[[cell_text(v) for v in row] for row in M], texttemplate="%{text}",
             customdata=custom, coloraxis="coloraxis", name="mean",
-            hovertemplate=f"layer %{{y}}, thought %{{x}}<br>{what} %{{customdata[2]}}<br>{method} %{{customdata[0]}}<br>n = %{{customdata[1]}}<extra></extra>",
+            hovertemplate=f"{where} %{{y}}, {step} %{{x}}<br>{what} %{{customdata[2]}}<br>{method} %{{customdata[0]}}<br>n = %{{customdata[1]}}<extra></extra>",
         ))
         owner: list = [None]  # the slider step (None = mean view, else a pair id) showing each trace
-        per_pair = "this pair's ratio" if metric == "recovered" else SHORT[metric]
+        per_pair = f"this {u}'s ratio" if metric in RATIO_METRICS else short(metric, exp)
         for pid in pids:
             G, F = grids[pid], flips[pid]
-            ans = [[[_answer(a) + (f" (flips to the {data.source_role} answer)" if f else ""), _num(v)] for a, f, v in zip(*rows)] for rows in zip(answers[pid], F, G)]
+            ans = [[[_answer(a) + (f" ({mark.replace('answer ', '', 1)})" if f else ""), _num(v)] for a, f, v in zip(*rows)] for rows in zip(answers[pid], F, G)]
             # a flip is marked in the cell's text: a marker trace on a category axis could only sit on the number
             text = [[cell_text(v) + (" ●" if f else "") for v, f in zip(*rows)] for rows in zip(G, F)]
             fig.add_trace(go.Heatmap(
                 z=[[_r(v) for v in row] for row in G], x=xlab, y=ylab, text=text, texttemplate="%{text}",
-                customdata=ans, coloraxis="coloraxis", visible=False, name=f"pair {pid}",
-                hovertemplate=f"pair {pid} · layer %{{y}}, thought %{{x}}<br>{per_pair} %{{customdata[1]}}<br>patched answer %{{customdata[0]}}<br>{_pair_lines(pairs.get(pid, {}))}<extra></extra>",
+                customdata=ans, coloraxis="coloraxis", visible=False, name=f"{u} {pid}",
+                hovertemplate=f"{u} {pid} · {where} %{{y}}, {step} %{{x}}<br>{per_pair} %{{customdata[1]}}<br>patched answer %{{customdata[0]}}<br>{_pair_lines(pairs.get(pid, {}), exp)}<extra></extra>",
             ))
             owner.append(pid)
         steps = [
-            {"method": "update", "label": "mean" if pid is None else f"pair {pid}",
-             "args": [{"visible": [o == pid for o in owner]}, {"title.text": mean_title if pid is None else _pair_title(pid, pairs.get(pid, {}))}]}
+            {"method": "update", "label": "mean" if pid is None else f"{u} {pid}",
+             "args": [{"visible": [o == pid for o in owner]}, {"title.text": mean_title if pid is None else _pair_title(pid, pairs.get(pid, {}), exp)}]}
             for pid in [None] + pids
         ]
         fig.update_layout(
-            coloraxis={"cmin": _r(zmin), "cmax": _r(zmax), "colorbar": {"title": {"text": SHORT[metric]}}, **_plotly_colours(metric)},
+            coloraxis={"cmin": _r(zmin), "cmax": _r(zmax), "colorbar": {"title": {"text": short(metric, exp)}}, **_plotly_colours(metric)},
             title={"text": mean_title, "x": 0, "xanchor": "left", "font": {"size": 12}},
             sliders=[{"active": 0, "steps": steps, "currentvalue": {"prefix": "showing: "}, "pad": {"t": 40}}],
-            xaxis={"title": {"text": "thought k"}, "type": "category"}, yaxis={"title": {"text": "layer (input = fed thought vector)"}, "type": "category"},
+            xaxis={"title": {"text": f"{step} {'k' if step == 'thought' else 'i'}"}, "type": "category"},
+            yaxis={"title": {"text": "layer (input = fed thought vector)" if "input" in locs else f"{where} (head site: layer.h<head>)" if data.head_site else "layer"}, "type": "category"},
             height=max(500, 28 * len(ylab) + 340), margin={"t": 120}, meta={"metric": metric, "experiment": exp},
         )
         note = (
-            f"{LABELS[metric]}. The {what} over pairs; hover for the 95 % interval ({method.split(': ')[-1]}) and n. "
-            f"Slide to see one pair (hover: its questions, answers and the patched answer; ● = the answer flips to the {data.source_role} answer). "
-            f"One colour scale for the mean and every pair ({zmin:.3g} to {zmax:.3g}).{saturate}"
+            f"{label(metric, exp)}. The {what} over {u}s; hover for the 95 % interval ({method.split(': ')[-1]}) and n. "
+            f"Slide to see one {u} (hover: its questions, answers and the patched answer; ● = the {mark}). "
+            f"One colour scale for the mean and every {u} ({zmin:.3g} to {zmax:.3g}).{saturate}"
         )
-        sections.append((f"Exp 1 heatmap — {SHORT[metric]}", note, fig))
-    intro = f"Exp 1, position-wise patching: each (layer, thought) site alone gets the {data.source_role} activation. {_subtitle(data, exp)}. {OFFLINE}"
-    return [_page(out / "position.html", f"Exp 1 — position-wise patching ({data.run_dir.name})", intro, sections)]
+        sections.append((f"{EXP_SHORT[exp]} heatmap — {short(metric, exp)}", note, fig))
+    intro = f"{_intro(data, exp)} {_subtitle(data, exp)}. {OFFLINE}"
+    return [_page(out / f"{exp}{data.tag}.html", f"{PAGE_TITLE[exp]}{data.grid_tag(exp)} ({data.run_dir.name})", intro, sections)]
 
 
 def _trace(data: RunData, exp: str, keys: list[tuple], metric: str, x: list, name: str, xname: str, **kw):
@@ -673,23 +881,26 @@ def _curve_note(data: RunData, exp: str, metric: str, what: str) -> str:
 
 
 def layer_html(data: RunData, out: Path) -> list[Path]:
-    layers = [l for l in data.layers if data.key("layer", layer=l) in data.cells("layer")]
+    layers = data.locs("layer")
     xs = _ylabels(layers)
+    where = "layer.head" if data.head_site else "layer"
     sections = []
     for metric in CURVE_METRICS:
-        fig = _lines_fig(data, "layer", metric, "layer", [None], list(range(len(layers))), lambda g, x: data.key("layer", layer=layers[x]), lambda g: "layer patching")
-        fig.update_xaxes(tickmode="array", tickvals=list(range(len(layers))), ticktext=xs, title_text="layer (all thoughts patched)")
-        sections.append((SHORT[metric], _curve_note(data, "layer", metric, "— mean over pairs per layer"), fig))
-    intro = f"Layer patching: every thought at one layer gets the {data.source_role} activations. {_subtitle(data, 'layer')}. {OFFLINE}"
-    return [_page(out / "layer.html", f"Layer patching ({data.run_dir.name})", intro, sections)]
+        fig = _lines_fig(data, "layer", metric, where, [None], list(range(len(layers))), lambda g, x: data.key("layer", loc=layers[x]), lambda g: "layer patching")
+        fig.update_xaxes(tickmode="array", tickvals=list(range(len(layers))), ticktext=xs, title_text=f"{where} (all thoughts patched)")
+        sections.append((SHORT[metric], _curve_note(data, "layer", metric, f"— mean over pairs per {where}"), fig))
+    intro = f"Layer patching: every thought at one {where} gets the {data.source_role} activations. {_subtitle(data, 'layer')}. {OFFLINE}"
+    return [_page(out / f"layer{data.tag}.html", f"Layer patching{data.grid_tag('layer')} ({data.run_dir.name})", intro, sections)]
 
 
 def iterative_html(data: RunData, out: Path) -> list[Path]:
     import plotly.graph_objects as go
 
+    if data.head_site:  # one line per (layer, head) would be unreadable: heatmaps instead
+        return position_html(data, out, "iterative")
     its = data.iterations
-    key = lambda l, i: data.key("iterative", layer=l, iteration=i)  # noqa: E731
-    layers = [l for l in data.layers if any(key(l, i) in data.cells("iterative") for i in its)]
+    key = lambda l, i: data.key("iterative", loc=l, iteration=i)  # noqa: E731
+    layers = data.locs("iterative")
     lname = lambda l: "input" if l == "input" else f"layer {l}"  # noqa: E731
     sections = []
     for metric in CURVE_METRICS + ACTIVATION_METRICS:
@@ -701,13 +912,13 @@ def iterative_html(data: RunData, out: Path) -> list[Path]:
             vis_of, means = [], []
             for l in layers:
                 if "position" in data.rows:
-                    ks = [k for k in data.thoughts if data.key("position", layer=l, thought=k) in data.cells("position")]
-                    fig.add_trace(_trace(data, "position", [data.key("position", layer=l, thought=k) for k in ks], metric, ks, f"Exp 1 (thought k only), {lname(l)}", "thought", line={"color": EXP_COLORS["position"]}))
+                    ks = [k for k in data.thoughts if data.key("position", loc=l, thought=k) in data.cells("position")]
+                    fig.add_trace(_trace(data, "position", [data.key("position", loc=l, thought=k) for k in ks], metric, ks, f"Exp 1 (thought k only), {lname(l)}", "thought", line={"color": EXP_COLORS["position"]}))
                     vis_of.append(l)
                 fig.add_trace(_trace(data, "iterative", [key(l, i) for i in its], metric, its, f"Exp 2 (iteration i), {lname(l)}", "iteration", line={"color": EXP_COLORS["iterative"], "dash": "dash"}))
                 vis_of.append(l)
-                if "layer" in data.rows and data.key("layer", layer=l) in data.cells("layer"):
-                    lk = data.key("layer", layer=l)
+                if "layer" in data.rows and data.key("layer", loc=l) in data.cells("layer"):
+                    lk = data.key("layer", loc=l)
                     fig.add_trace(_trace(data, "layer", [lk, lk], metric, [min(its), max(its)], f"layer patching (all thoughts), {lname(l)}", "all thoughts", mode="lines", line={"color": EXP_COLORS["layer"]}))
                     vis_of.append(l)
             buttons = [{"method": "update", "label": lname(l), "args": [{"visible": [t == l for t in vis_of]}]} for l in layers]
@@ -720,20 +931,33 @@ def iterative_html(data: RunData, out: Path) -> list[Path]:
             _y_range(fig, metric)
             sections.append((f"Exp 1 vs Exp 2 vs layer patching — {SHORT[metric]}", "Pick a layer in the menu. " + _curve_note(data, "iterative", metric, "per thought / iteration"), fig))
     intro = f"Exp 2, iterative patching: iteration 0 patches (l, 0) with the {data.source_role} activation; iteration i patches only (l, i) with the activation aᵢ the previous iteration produced. {_subtitle(data, 'iterative')}. {OFFLINE}"
-    return [_page(out / "iterative.html", f"Exp 2 — iterative patching ({data.run_dir.name})", intro, sections)]
+    return [_page(out / f"iterative{data.tag}.html", f"Exp 2 — iterative patching{data.grid_tag('iterative')} ({data.run_dir.name})", intro, sections)]
 
 
 # ---- all --------------------------------------------------------------------------------------
+def figures_of(data: RunData, exp: str, out: Path) -> list[Path]:
+    """Every figure of one grid (`data` a view of one site, or of one knockout run)."""
+    head = data.head_site
+    if exp in GRID_EXPS:
+        if head:
+            return head_heatmaps(data, exp, out) + position_html(data, out, exp)
+        return grid_heatmaps(data, exp, out) + position_per_pair(data, out, exp) + position_html(data, out, exp)
+    if exp == "layer":
+        return (head_heatmaps(data, exp, out) if head else layer_curve(data, out)) + layer_html(data, out)
+    return (head_heatmaps(data, exp, out) if head else iterative_trajectories(data, out)) + iterative_html(data, out)
+
+
 def write_figures(data: RunData, out: Path) -> dict[str, list[Path]]:
-    """Every figure of the run, grouped by the report that embeds it."""
-    figs: dict[str, list[Path]] = {"layer": [], "position": [], "iterative": [], "comparison": []}
-    if "position" in data.rows:
-        figs["position"] += position_heatmaps(data, out) + position_per_pair(data, out) + position_html(data, out)
-    if "layer" in data.rows:
-        figs["layer"] += layer_curve(data, out) + layer_html(data, out)
-    if "iterative" in data.rows:
-        figs["iterative"] += iterative_trajectories(data, out) + iterative_html(data, out)
-    figs["comparison"] += comparison(data, out)
+    """Every figure of the run, grouped by the report part that embeds it: "<exp><tag>" for
+    one grid (tag: "" for the resid grid, "_<site>" or "_<run>" otherwise) and
+    "comparison<tag>" for Exp 1 vs Exp 2 vs layer patching at one site."""
+    figs: dict[str, list[Path]] = {}
+    for exp in data.experiments:
+        for view in data.views(exp):
+            figs[f"{exp}{view.tag}"] = figures_of(view, exp, out)
+    for site in dict.fromkeys(s for e in ("position", "iterative", "layer") if e in data.rows for s in data.groups(e)):
+        view = data.only("position", site)
+        figs[f"comparison{view.tag}"] = [] if view.head_site else comparison(view, out)
     return figs
 
 

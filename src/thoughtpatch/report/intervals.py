@@ -45,6 +45,8 @@ def metric_range(metric: str) -> tuple[float, float]:
         return 0.0, math.inf
     if metric.startswith("cos"):
         return -1.0, 1.0
+    if metric.startswith("logprob_clean"):  # a log-probability (causal tracing)
+        return -math.inf, 0.0
     return -math.inf, math.inf
 
 

@@ -24,7 +24,11 @@ CELL_KEYS = {
     "trace": ("site", "layer", "head", "thought"),
 }
 CELL_DEFAULTS = {"site": "resid", "head": None}  # rows written before sites existed
-NOT_METRICS = {"pair_id", "direction", "experiment", "layer", "thought", "iteration", "site", "mode", "head", "run", "readers", "vector", "resample_pair"}
+# (a mode's parameters — alpha, noise_scale, seed — are settings, not effects)
+NOT_METRICS = {
+    "pair_id", "direction", "experiment", "layer", "thought", "iteration", "site", "mode", "head", "run", "readers", "vector", "resample_pair",
+    "alpha", "noise_scale", "seed",
+}
 # Ratios of means (never means of per-pair ratios): metric → (patched, receiving, source) columns.
 RATIOS = {
     "recovered": ("logprob_diff", "logprob_diff_receiving", "logprob_diff_source"),

@@ -26,6 +26,26 @@ def metrics_of(exp: str) -> tuple[str, ...]:
     return METRICS_OF.get(exp, MAIN_METRICS)
 
 
+# The tables of a report: the main metrics and the ones worth a second look.
+TABLE_EXTRA = {"knockout": ("logprob_diff",), "trace": ("kl_to_clean", "away")}
+
+
+def table_metrics(exp: str) -> tuple[str, ...]:
+    return metrics_of(exp) + TABLE_EXTRA.get(exp, ("kl_to_clean", "away"))
+
+
+SITE_SHORT = {"input": "fed thought vector", "resid": "block output", "attn": "attention output", "mlp": "MLP output", "head": "attention heads", "kv": "cached key and value"}
+# What each site is (DESIGN §8), for titles, methodology and how-to-read lines.
+SITE_WORDS = {
+    "input": "the fed thought vector z_k",
+    "resid": "block l's output (the residual stream after the block)",
+    "attn": "block l's attention output, before it is added to the residual stream",
+    "mlp": "block l's MLP output, before it is added to the residual stream",
+    "head": "head h's output in block l (its slice of the attention output before the output projection)",
+    "kv": "the key and value block l caches for thought k (keys after rotary embedding), as every later position reads them; thought k's own residual stream is untouched",
+}
+
+
 SIGNED = {"answer_logit_diff", "logprob_diff", "recovered", "restored", "delta_logprob_diff"}
 ACTIVATION_METRICS = ("cos_clean", "cos_corrupted", "norm")
 
@@ -38,6 +58,7 @@ LABELS = {
     "restored": "restored share of log P(clean answer) (ratio of means)",
     "logprob_clean": "log P(clean answer)",
     "delta_logprob_diff": "Δ (log P(clean) − log P(corrupted)) vs the unpatched run",
+    "delta_logprob_clean": "Δ log P(clean answer) vs the noised run",
     "flip": "flip rate (answer = source run's)",
     "away": "away rate (answer ≠ receiving run's)",
     "cos_clean": "cos(activation, clean)",
@@ -53,12 +74,69 @@ SHORT = {
     "restored": "restored",
     "logprob_clean": "log P(clean)",
     "delta_logprob_diff": "Δ log-prob diff",
+    "delta_logprob_clean": "Δ log P(clean)",
     "flip": "flip rate",
     "away": "away rate",
     "cos_clean": "cos to clean",
     "cos_corrupted": "cos to corrupted",
     "norm": "norm",
 }
+
+
+# Where an experiment's metric means something else than in Exp 1 (no source run, or the
+# clean answer as the reference).
+LABELS_OF = {
+    "trace": {
+        "kl": "KL(restored ‖ noised)",
+        "kl_to_clean": "KL(clean ‖ restored)",
+        "flip": "flip-back rate (answer = clean run's again)",
+        "away": "away rate (answer ≠ noised run's)",
+    },
+    "knockout": {
+        "kl": "KL(knocked out ‖ unpatched)",
+        "logprob_diff": "log P(clean) − log P(corrupted), knocked out",
+        "away": "away rate (answer ≠ unpatched run's)",
+    },
+}
+SHORT_OF = {"trace": {"flip": "flip-back rate", "kl_to_clean": "KL to clean"}}
+
+
+def label(metric: str, exp: str | None = None) -> str:
+    return LABELS_OF.get(exp or "", {}).get(metric) or LABELS.get(metric, metric)
+
+
+def short(metric: str, exp: str | None = None) -> str:
+    return SHORT_OF.get(exp or "", {}).get(metric) or SHORT.get(metric, metric)
+
+
+# The boolean a per-pair view marks: the answer flips to the source (trace: back to the clean
+# answer); a knockout has no source, so it marks an answer that moved away.
+MARKED = {"knockout": "away"}
+
+
+def marked(exp: str) -> str:
+    return MARKED.get(exp, "flip")
+
+
+READERS = {
+    "answer": "the answer positions (from `<eot>` on)",
+    "thoughts": "the later thoughts",
+    "both": "the later thoughts and the answer positions",
+}
+
+
+READERS_SHORT = {"answer": "answer", "thoughts": "later thoughts", "both": "later thoughts + answer"}
+
+
+def mode_tag(mode: dict) -> str:
+    """The mode in a few words ("" for replace): "mean (n = 57)", "add α = 1, v = diff"."""
+    name = mode.get("mode", "replace")
+    if name == "replace":
+        return ""
+    parts = {"add": [f"α = {mode.get('alpha', 1.0):g}", f"v = {mode.get('vector')}"], "noise": [f"ν = {mode.get('noise_scale', 1.0):g}", f"seed {mode.get('seed', 0)}"]}.get(name, [])
+    if mode.get("stats_n") is not None:
+        parts.append(f"n = {mode['stats_n']}")
+    return f"{name} ({', '.join(parts)})" if parts else name
 
 
 VERDICTS = ("pass", "warn", "fail", "info")
@@ -87,8 +165,25 @@ def layer_key(layer) -> int:
     return -1 if layer == "input" else int(layer)
 
 
+def loc_key(loc) -> tuple[int, int]:
+    """Sort key of a grid row: a layer, or (layer, head) on the head site."""
+    return (layer_key(loc[0]), loc[1]) if isinstance(loc, tuple) else (layer_key(loc), -1)
+
+
+def loc_of(row: dict):
+    """A row's location: its layer, or (layer, head) on the head site."""
+    return row["layer"] if row.get("head") is None else (row["layer"], row["head"])
+
+
 def layer_name(layer) -> str:
     return "input" if layer == "input" else f"L{layer}"
+
+
+def loc_name(loc) -> str:
+    """"input", "2", or "2.h3" (layer 2, head 3)."""
+    if isinstance(loc, tuple):
+        return f"{loc[0]}.h{loc[1]}"
+    return "input" if loc == "input" else str(loc)
 
 
 def _as_layer(v):
@@ -108,6 +203,8 @@ class RunData:
     rows: dict[str, list[dict]] = field(default_factory=dict)
     summaries: dict[str, dict] = field(default_factory=dict)
     dropped: list[dict] = field(default_factory=list)  # dropped_pairs.json: pairs not patched or answered wrong
+    site: str | None = None  # set on a view of one site's grids (`only`)
+    run: str | None = None  # set on a view of one knockout run's grid
     _cells: dict[str, dict] = field(default_factory=dict, repr=False)
 
     # ---- what the run covered -------------------------------------------------------
@@ -139,6 +236,81 @@ class RunData:
         seen = {r["layer"] for rows in self.rows.values() for r in rows}
         return sorted(seen, key=layer_key)
 
+    def locs(self, exp: str) -> list:
+        """The rows of `exp`'s grid as its cells have them: layers ("input" first), or
+        (layer, head) on the head site (a view of one site holds one grid)."""
+        keys = CELL_KEYS[exp]
+        seen = {(k[keys.index("layer")], k[keys.index("head")] if "head" in keys else None) for k in self.cells(exp)}
+        return sorted({l if h is None else (l, h) for l, h in seen}, key=loc_key)
+
+    @property
+    def head_site(self) -> bool:
+        return self.site == "head"
+
+    @property
+    def mode(self) -> dict:
+        """The run's mode and its parameters (manifest.json; `stats_n` = the pair-set statistics' n)."""
+        return self.manifest.get("mode") or {"mode": "replace"}
+
+    def groups(self, exp: str) -> list[str]:
+        """The grids `exp`'s cells fall into: its sites (in the run's order), or for knockout
+        the runs it was applied to (clean first)."""
+        col = "run" if exp == "knockout" else "site"
+        have = {c.get(col, CELL_DEFAULTS.get(col)) for c in self.summaries[exp]["cells"]}
+        order = list(self.manifest.get("sites") or []) if col == "site" else ["clean", "corrupted"]
+        return [g for g in order if g in have] + sorted(g for g in have if g not in order)
+
+    def only(self, exp: str, group: str) -> "RunData":
+        """The run seen as one grid of `exp`: every experiment's rows and summary cells of one
+        site (knockout, which has no site, is left out), or knockout's of one run (the other
+        experiments left out). Figures and reports draw one grid at a time."""
+        col = "run" if exp == "knockout" else "site"
+        rows, summaries = {}, {}
+        for e, rs in self.rows.items():
+            if col not in CELL_KEYS[e]:
+                continue
+            rows[e] = [r for r in rs if r.get(col, CELL_DEFAULTS.get(col)) == group]
+            doc = self.summaries[e]
+            summaries[e] = doc | {"cells": [c for c in doc["cells"] if c.get(col, CELL_DEFAULTS.get(col)) == group]}
+            if not rows[e]:
+                del rows[e], summaries[e]
+        return RunData(self.run_dir, self.manifest, self.pairs, self.checks, rows, summaries, self.dropped, **{col: group})
+
+    def views(self, exp: str) -> list["RunData"]:
+        return [self.only(exp, g) for g in self.groups(exp)]
+
+    @property
+    def tag(self) -> str:
+        """A view's part of its file names: none for the resid grid (the names of a run
+        before sites existed), `_<site>` or `_<run>` otherwise."""
+        group = self.run or self.site
+        return "" if group in (None, "resid") else f"_{group}"
+
+    def readers(self) -> str:
+        """Knockout: whose reading of thought k's key is blocked (answer | thoughts | both)."""
+        got = {r.get("readers") for r in self.rows.get("knockout", [])} - {None}
+        return got.pop() if len(got) == 1 else str(self.manifest.get("config", {}).get("readers", "answer"))
+
+    def grid_tag(self, exp: str) -> str:
+        """What a figure of this grid names beside the experiment: the site (resid only beside
+        other sites), the mode when it is not replace, a knockout's run and readers."""
+        if exp == "knockout":
+            return f" [{self.run or 'unpatched'} run · blocked readers: {READERS_SHORT.get(self.readers(), self.readers())}]"
+        several = len(self.manifest.get("sites") or []) > 1  # then the resid grid is named too
+        parts = [self.site] if self.site not in (None, "resid") or (self.site and several) else []
+        if mode_tag(self.mode):
+            parts.append(mode_tag(self.mode))
+        return f" [{' · '.join(parts)}]" if parts else ""
+
+    def roles_of(self, exp: str) -> tuple[str, str | None]:
+        """(receiving, source) run of `exp`: trace restores the clean run into the noised one;
+        a knockout has no source, its receiving run is the one knocked out."""
+        if exp == "trace":
+            return "noised", "clean"
+        if exp == "knockout":
+            return self.run or "unpatched", None
+        return self.receiving_role, self.source_role
+
     @property
     def thoughts(self) -> list[int]:
         if self.manifest.get("thoughts") is not None:
@@ -159,17 +331,18 @@ class RunData:
         return self.manifest.get("selection") or {"keep": "all"}
 
     def pair_set(self, exp: str) -> str:
-        """Which pairs the numbers of `exp` cover, in words."""
+        """Which pairs (causal tracing: questions) the numbers of `exp` cover, in words."""
         sel, n = self.selection, self.n_pairs(exp)
         same = len(sel.get("same_answer", []))
         dropped_same = f"; {same} dropped for equal answers" if same else ""
+        units, right = ("questions", "answered right on the clean run") if exp == "trace" else ("pairs", "answered right on both sides")
         if sel.get("keep") == "correct":
-            return (f"the {n} pairs the model answers right on both sides ({sel.get('wrong', '?')} answered wrong were dropped{dropped_same}; "
+            return (f"the {n} {units} the model {right.replace('answered', 'answers')} ({sel.get('wrong', '?')} answered wrong were dropped{dropped_same}; "
                     f"listed with the model's answers in dropped_pairs.json)")
         if "correct" not in sel:
-            return f"all {n} pairs"
-        return (f"all {n} pairs, right or wrong ({sel['correct']} answered right on both sides{dropped_same}; "
-                "the correct-only summaries are in summary_correct.json beside each summary.json, the wrong pairs in dropped_pairs.json)")
+            return f"all {n} {units}"
+        return (f"all {n} {units}, right or wrong ({sel['correct']} {right}{dropped_same}; "
+                f"the correct-only summaries are in summary_correct.json beside each summary.json, the wrong {units} in dropped_pairs.json)")
 
     @property
     def warnings(self) -> list[str]:
@@ -220,8 +393,14 @@ class RunData:
         return [(c, v) for c, v in zip(CELL_KEYS[exp], key) if c in cols]
 
     def key(self, exp: str, **parts) -> tuple:
-        """A cell key of `exp` from named parts (`key("position", layer=l, thought=k)`), in the
-        order of CELL_KEYS; a key column not named takes the one value the cells have for it."""
+        """A cell key of `exp` from named parts (`key("position", layer=l, thought=k)`, or
+        `loc=` a grid row: a layer or (layer, head)), in the order of CELL_KEYS; a key column
+        not named takes the one value the cells have for it."""
+        if "loc" in parts:
+            loc = parts.pop("loc")
+            parts["layer"], head = loc if isinstance(loc, tuple) else (loc, None)
+            if "head" in CELL_KEYS[exp]:
+                parts["head"] = head
         cols = CELL_KEYS[exp]
         out = []
         for c in cols:
