@@ -1,0 +1,208 @@
+"""Training the Coconut organism: its sequences per stage, the multi-pass forward against a
+full recompute (values and gradients), Coconut's decoding rules, the loss falling through
+every stage, bit-identical weights for a seed, and the exported checkpoint's keys."""
+
+import json
+
+import pytest
+import torch
+
+from thoughtpatch.model.organism.coconut_train import CoconutTrainConfig, sequences, stage_at, train_coconut
+from thoughtpatch.model.organism.model import OrganismConfig
+
+TINY = OrganismConfig(hidden=32, layers=2, heads=2, kv_heads=1, mlp=64, max_positions=128)
+Q = "Tom has 12 apples. He buys 5 more. He loses 3 apples. How many apples are left?"
+
+
+def tiny(steps: int, **kw) -> CoconutTrainConfig:
+    return CoconutTrainConfig(steps=steps, batch=8, warmup=2, lr=3e-3, threads=1, model=TINY, **kw)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from thoughtpatch.model.organism.tokenizer import COCONUT_EXTRA, add_coconut_markers, build_tokenizer
+
+    t = build_tokenizer(COCONUT_EXTRA)
+    add_coconut_markers(t)
+    return t
+
+
+def test_tokenizer_keeps_codi_ids(tok):
+    from thoughtpatch.model.organism.tokenizer import COCONUT_MARKERS, build_tokenizer
+
+    codi = build_tokenizer()
+    v0 = len(codi) + 1
+    assert {w: i for w, i in tok.get_vocab().items() if i < len(codi)} == codi.get_vocab()
+    assert tok.convert_tokens_to_ids("#") == v0 - 1
+    assert tok.convert_tokens_to_ids(list(COCONUT_MARKERS)) == [v0, v0 + 1, v0 + 2]
+    assert tok(Q + "\n")["input_ids"] == codi(Q)["input_ids"]  # same question ids as the CODI organism
+    # Markers are ordinary added tokens: decode(skip_special_tokens=True) keeps them.
+    ids = tok(Q + "\n")["input_ids"] + [v0, v0 + 2, v0 + 1] + tok("### 14", add_special_tokens=False)["input_ids"]
+    text = tok.decode(ids, skip_special_tokens=True)
+    assert "<|start-latent|>" in text and text.split("#")[-1].strip() == "14"
+
+
+def test_schedule_and_sequences(tok):
+    from thoughtpatch.model.organism.coconut import markers
+    from thoughtpatch.model.organism.tokenizer import COCONUT_ANSWER_TEMPLATE
+    from thoughtpatch.model.organism.train import Encoder
+
+    cfg = CoconutTrainConfig(steps=100)
+    assert cfg.num_thoughts == 6 and cfg.model.num_thoughts == 6 and cfg.max_latent_stage == 3
+    assert [stage_at(s, cfg) for s in (0, 14, 15, 19, 20, 34, 35, 49, 50, 99)] == [-1, -1, 0, 0, 1, 1, 2, 2, 3, 3]
+    e = Encoder(tok, COCONUT_ANSWER_TEMPLATE, "\n").example(Q, "<<12+5=17>> <<17-3=14>>", 14, [17, 14])
+    ids = markers(tok)
+    start, end, _ = ids
+    text = lambda x: tok.decode(x, skip_special_tokens=True)  # noqa: E731
+    pre, k, suf, lab = sequences(e, -1, 2, ids)  # language CoT, no markers
+    assert pre == e.q and k == 0 and text(suf) == "<< 12 + 5 = 17 >> << 17 - 3 = 14 >> # # # 14" and lab == suf
+    pre, k, suf, lab = sequences(e, 0, 2, ids)  # markers, no latents
+    assert pre == e.q + [start] and k == 0 and suf[0] == end and lab[0] == -100 and lab[1:] == suf[1:]
+    assert text(suf[1:]) == "<< 12 + 5 = 17 >> << 17 - 3 = 14 >> # # # 14"
+    assert text(sequences(e, 1, 2, ids)[2][1:]) == "<< 17 - 3 = 14 >> # # # 14" and sequences(e, 1, 2, ids)[1] == 2
+    for s in (2, 3):  # every step latent; c_thought * s latents even for a 2-step problem
+        pre, k, suf, lab = sequences(e, s, 2, ids)
+        assert k == 2 * s and text(suf[1:]) == "# # # 14" and suf[-1] == tok.eos_token_id
+    assert e.q[0] == tok.bos_token_id
+
+
+def _full_recompute(hf, prefix, k, suffix):
+    """Coconut's semantics the slow way: re-run the whole sequence for every thought."""
+    emb = hf.get_input_embeddings()
+    x = emb(prefix)
+    for _ in range(k):
+        x = torch.cat([x, hf.model(inputs_embeds=x).last_hidden_state[:, -1:]], 1)
+    x = torch.cat([x, emb(suffix)], 1)
+    return hf.lm_head(hf.model(inputs_embeds=x).last_hidden_state)[:, prefix.shape[1] + k - 1 :]
+
+
+@pytest.mark.parametrize("k", [0, 1, 4])
+def test_latent_pass_is_coconuts_loop(tok, k):
+    from thoughtpatch.model.organism.coconut import latent_pass
+    from thoughtpatch.model.organism.model import build_coconut_organism
+
+    hf = build_coconut_organism(TINY, tok, 0)
+    with torch.no_grad():  # make the weights less trivial than N(0, 0.02)
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    prefix = torch.tensor([tok(Q + "\n")["input_ids"] + [len(tok) - 3]] * 2)
+    suffix = torch.tensor([[len(tok) - 2, 5, 9, 2], [len(tok) - 2, 7, 2, 2]])
+    lp = latent_pass(hf, prefix, k, suffix)
+    ref = _full_recompute(hf, prefix, k, suffix)
+    assert lp.logits.shape == ref.shape == (2, 1 + suffix.shape[1], len(tok)) and lp.fed.shape == (2, k, 32)
+    torch.testing.assert_close(lp.logits, ref, atol=1e-5, rtol=1e-4)
+    # Gradients flow through the thoughts exactly as through the recomputed sequence.
+    g1 = torch.autograd.grad(lp.logits.square().mean(), list(hf.parameters()))
+    g2 = torch.autograd.grad(ref.square().mean(), list(hf.parameters()))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+class _Out(dict):
+    logits = property(lambda self: self["logits"])
+
+
+class _Scripted:
+    """A stand-in LM whose decoding steps predict the ids of a script, one per call."""
+
+    def __init__(self, script: list[int], vocab: int):
+        self.script, self.vocab, self.i = script, vocab, 0
+
+    def forward(self, input_ids=None, use_cache=True, cache=None):
+        logits = torch.zeros(input_ids.shape[0], 1, self.vocab)
+        logits[:, -1, self.script[self.i]] = 1.0
+        self.i += 1
+        return _Out(logits=logits, cache=cache)
+
+    def __call__(self, **kw):
+        return self.forward(**kw)
+
+
+def test_greedy_follows_coconuts_rules():
+    from thoughtpatch.model.organism.coconut import extract_answer, gold_string, greedy
+
+    eos, v = 2, 10
+    first = torch.zeros(1, v)
+    first[0, eos] = 1.0  # token 1 is eos: kept, no stop test
+    assert greedy(_Scripted([5, 6, eos, 7], v), first, None, max_new_tokens=10, eos=eos) == [[eos, 5, 6]]  # later eos stops, dropped
+    assert greedy(_Scripted([5, 6, eos, 7], v), first, None, max_new_tokens=2, eos=eos) == [[eos, 5]]  # at most max_new_tokens
+    assert extract_answer("q? <|start-latent|> # # # 1,234 ") == "1234"
+    assert extract_answer("no hash 14") == "no hash 14" and extract_answer("ends #") == ""
+    assert gold_string(14.0) == "14" and gold_string(2.5) == "2.5" and gold_string("1,000") == "1000"
+
+
+def test_loss_falls_through_every_stage():
+    _, _, log = train_coconut(tiny(40, stages=(0.05, 0.1, 0.15, 0.2)), progress=False)
+    assert {r["mode"] for r in log} == {-1, 0, 1, 2, 3}
+    final = [r["loss"] for r in log if r["mode"] == 3]
+    assert sum(final[-5:]) / 5 < 0.8 * sum(final[:5]) / 5, final
+    assert log[-1]["loss"] < 0.7 * log[0]["loss"]
+
+
+def test_deterministic_for_a_seed():
+    cfg = tiny(10, stages=(0.2, 0.4, 0.6, 0.8))  # every phase twice, with an optimizer reset between
+    a = train_coconut(cfg, progress=False)
+    b = train_coconut(cfg, progress=False)
+    assert [r["loss"] for r in a[2]] == [r["loss"] for r in b[2]]
+    for (k, va), vb in zip(a[0].state_dict().items(), b[0].state_dict().values()):
+        assert torch.equal(va, vb), k
+    c = train_coconut(tiny(10, seed=1, stages=(0.2, 0.4, 0.6, 0.8)), progress=False)
+    assert [r["loss"] for r in c[2]] != [r["loss"] for r in a[2]]
+
+
+def test_optimizer_resets_at_each_stage(monkeypatch):
+    import thoughtpatch.model.organism.train as tr
+
+    made = []
+    real = tr.adamw
+    monkeypatch.setattr(tr, "adamw", lambda params, cfg: made.append(1) or real(params, cfg))
+    train_coconut(tiny(10, stages=(0.2, 0.4, 0.6, 0.8)), progress=False)
+    assert len(made) == 5  # the CoT phase and stages 0..3
+
+
+def test_checkpoint_has_coconuts_keys_and_reloads(tmp_path):
+    from safetensors.torch import load_file
+
+    from thoughtpatch.model.organism.coconut import latent_pass, markers
+    from thoughtpatch.model.organism.coconut_export import load_coconut_organism
+
+    hf, tok, _ = train_coconut(tiny(4, stages=(0.0, 0.0, 0.0, 0.0)), out_dir=tmp_path, progress=False, eval_problems=6)
+    v0 = len(tok) - 3
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    layer = ["input_layernorm.weight", "post_attention_layernorm.weight", "mlp.down_proj.weight", "mlp.gate_proj.weight",
+             "mlp.up_proj.weight"] + [f"self_attn.{p}_proj.weight" for p in "qkvo"]
+    want = {"embedding.weight", "base_causallm.lm_head.weight", "base_causallm.model.embed_tokens.weight",
+            "base_causallm.model.norm.weight"} | {f"base_causallm.model.layers.{i}.{n}" for i in range(2) for n in layer}
+    assert set(sd) == want
+    assert sd["embedding.weight"].shape == (v0 + 3, 32)
+    assert torch.equal(sd["embedding.weight"], sd["base_causallm.model.embed_tokens.weight"])
+    assert torch.equal(sd["embedding.weight"], sd["base_causallm.lm_head.weight"])
+    assert json.loads((tmp_path / "config.json").read_text())["vocab_size"] == v0
+    from transformers import AutoTokenizer
+
+    base = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert len(base) == v0 and "<|latent|>" not in base.get_vocab()  # markers come at load time
+    side = json.loads((tmp_path / "thoughtpatch.json").read_text())
+    assert side["family"] == "coconut" and side["num_thoughts"] == 6 and side["answer_template"] == "### {answer}"
+    assert side["organism"] and side["max_new_tokens"] == 64 and side["eval_n"] == 6
+    assert set(side["accuracy"]) == {"with_thoughts", "thoughts_zeroed", "thoughts_mean", "no_thoughts", "cot"}
+    assert side["train"]["c_thought"] == 2 and side["train"]["max_latent_stage"] == 3
+    assert len(json.loads((tmp_path / "pairs.json").read_text())) == 57
+
+    m, mtok, _ = load_coconut_organism(tmp_path)
+    assert markers(mtok) == (v0, v0 + 1, v0 + 2) and markers(tok) == markers(mtok)
+    ids = mtok(Q + "\n")["input_ids"] + [v0]
+    with torch.no_grad():
+        a = latent_pass(hf, torch.tensor([ids]), 6, torch.tensor([[v0 + 1]])).logits
+        b = latent_pass(m, torch.tensor([ids]), 6, torch.tensor([[v0 + 1]])).logits
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_marker_rows_start_from_the_open_bracket(tok):
+    from thoughtpatch.model.organism.model import build_coconut_organism
+
+    hf = build_coconut_organism(TINY, tok, 0)
+    w = hf.get_input_embeddings().weight
+    src = w[tok.convert_tokens_to_ids("<<")]
+    assert all(torch.equal(w[i], src) for i in range(len(tok) - 3, len(tok)))
+    assert hf.lm_head.weight.data_ptr() == w.data_ptr()
