@@ -206,3 +206,30 @@ def test_marker_rows_start_from_the_open_bracket(tok):
     src = w[tok.convert_tokens_to_ids("<<")]
     assert all(torch.equal(w[i], src) for i in range(len(tok) - 3, len(tok)))
     assert hf.lm_head.weight.data_ptr() == w.data_ptr()
+
+
+def test_cli_dispatches_on_family(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import thoughtpatch.cli.toy  # noqa: F401  (registers `toy`)
+    import thoughtpatch.model.organism.coconut_train as ct
+    from thoughtpatch.cli import app
+    from thoughtpatch.errors import ThoughtpatchError
+
+    r = CliRunner().invoke(app, ["toy", "train", "--family", "cocnut", "--out", str(tmp_path / "x")])
+    assert isinstance(r.exception, ThoughtpatchError) and "cocnut" in str(r.exception)
+    assert not (tmp_path / "x").exists()
+    got = {}
+
+    def fake(cfg, out_dir, eval_problems):  # the training itself is tested above
+        got.update(cfg=cfg, eval_problems=eval_problems)
+        out_dir.mkdir()
+        (out_dir / "thoughtpatch.json").write_text(json.dumps({"accuracy": {"cot": {"all": 0.5, "steps": {"1": 0.5}}}}))
+
+    monkeypatch.setattr(ct, "train_coconut", fake)
+    r = CliRunner().invoke(app, ["toy", "train", "--family", "coconut", "--minutes", "15", "--seed", "3", "--eval-n", "9",
+                                 "--out", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    cfg = got["cfg"]
+    assert isinstance(cfg, CoconutTrainConfig) and cfg.steps == CoconutTrainConfig.steps // 2 and cfg.seed == 3
+    assert got["eval_problems"] == 9 and "explicit CoT (no markers)" in r.output

@@ -60,7 +60,8 @@ def train_cmd(
     import json
 
     acc = json.loads((out / "thoughtpatch.json").read_text())["accuracy"]
-    from thoughtpatch.model.organism.export import accuracy_markdown
+    from thoughtpatch.model.organism.coconut_export import COCONUT_LABELS
+    from thoughtpatch.model.organism.export import LABELS, accuracy_markdown
 
-    con.print(accuracy_markdown(acc))
+    con.print(accuracy_markdown(acc, COCONUT_LABELS if family == "coconut" else LABELS))
     con.print(f"wrote {out}")

@@ -15,7 +15,7 @@ import torch
 
 from thoughtpatch.data.schema import atomic_write_text, save_pairs
 from thoughtpatch.errors import ThoughtpatchError
-from thoughtpatch.model.organism.export import CONDITIONS, accuracy_markdown
+from thoughtpatch.model.organism.export import CONDITIONS, LABELS, accuracy_markdown
 from thoughtpatch.model.organism.tokenizer import (
     COCONUT_ANSWER_TEMPLATE, COCONUT_EXTRA, COCONUT_MARKERS, add_coconut_markers, build_tokenizer, save_tokenizer,
 )
@@ -24,6 +24,7 @@ PREFIX = "base_causallm."
 EMBEDDING = "embedding.weight"  # Coconut's `embedding` child: the LM's input embedding again
 MAX_NEW_TOKENS = 64  # Coconut's GSM8K setting
 SIDECAR = "thoughtpatch.json"
+COCONUT_LABELS = LABELS | {"cot": "explicit CoT (no markers)"}
 
 
 def coconut_state_dict(hf) -> dict[str, torch.Tensor]:
@@ -110,5 +111,120 @@ def save_coconut_organism(out_dir, hf, tok, v0: int, cfg, heldout, pairs, log, w
     return sidecar
 
 
+def uses_thoughts(acc: dict) -> str:
+    """One sentence from the table: how far the best ablation falls short of the model."""
+    ablations = {c: acc[c]["all"] for c in ("thoughts_zeroed", "thoughts_mean", "no_thoughts") if c in acc}
+    if "with_thoughts" not in acc or not ablations:
+        return ""
+    best = max(ablations, key=ablations.get)
+    gap = 100 * (acc["with_thoughts"]["all"] - ablations[best])
+    verdict = "it uses its thoughts" if gap >= 20 else ("it uses its thoughts only weakly" if gap >= 5 else "it does not use its thoughts")
+    return (f"With its thoughts the model answers {100 * acc['with_thoughts']['all']:.1f} %; the best ablation "
+            f"({COCONUT_LABELS[best]}) {100 * ablations[best]:.1f} %, {gap:.1f} points less: {verdict}.")
+
+
 def model_card(cfg, sc: dict, n_heldout: int, n_pairs: int, log: list[dict], wall_s: float) -> str:
-    return "TODO\n\n" + accuracy_markdown(sc["accuracy"]) + "\n"
+    m = cfg.model
+    v0 = sc["base_vocab"]
+    first = {}
+    for r in log:
+        first.setdefault(r["mode"], r["step"])
+    last = {}
+    for r in log:
+        last[r["mode"]] = r["loss"]
+    stage_rows = "\n".join(
+        f"| {'CoT (no markers)' if s < 0 else s} | {first[s]} | {0 if s < 0 else cfg.c_thought * s} | "
+        f"{'all steps, answer' if s < 0 else ('answer only' if s == cfg.max_latent_stage else f'steps {s + 1}.. , answer')} | {last[s]:.3f} |"
+        for s in sorted(first))
+    return f"""# The Coconut organism: a tiny Coconut model
+
+A {sc['parameters'] / 1e6:.2f} M-parameter LLaMA-architecture (`LlamaForCausalLM`) continuous-thought
+model trained with Coconut's recipe (Hao et al. 2024, "Training Large Language Models to Reason
+in a Continuous Latent Space", facebookresearch/coconut) on the same synthetic 1–3 step
+arithmetic problems, base architecture and tokenizer as the CODI organism (`thoughtpatch/toy/`),
+so that the two families can be compared on the same {n_pairs} default pairs. `--model toy-coconut` loads it.
+
+## Files
+
+This directory is both a Coconut checkpoint and its own base model:
+`model.safetensors` (Coconut's keys: `base_causallm.<HF name>` for every LM parameter and
+`embedding.weight`, the input embedding again; {v0 + 3} rows), `config.json` (LlamaConfig,
+vocab = V0 = {v0}), the tokenizer without the markers (`tokenizer.json`, `tokenizer_config.json`,
+`special_tokens_map.json`), `thoughtpatch.json` (family, K, answer template, max new tokens,
+training config, accuracy), `heldout.json` ({n_heldout} held-out problems) and `pairs.json`
+({n_pairs} default pairs) — the CODI organism's files —, `train_log.json`.
+
+The markers are added at load time with `tokenizer.add_tokens` in Coconut's order, as its
+`run.py` does: `<|start-latent|>` = {v0}, `<|end-latent|>` = {v0 + 1}, `<|latent|>` = {v0 + 2}.
+
+## Architecture
+
+| | |
+|---|---|
+| layers / hidden / MLP | {m.layers} / {m.hidden} / {m.mlp} |
+| heads / KV heads | {m.heads} / {m.kv_heads} |
+| embeddings | tied, V0 + 3 = {v0 + 3} rows; the marker rows start as copies of the `<<` row (Coconut's init) |
+| max positions | {m.max_positions} |
+| thoughts K | {sc['num_thoughts']} (c_thought {cfg.c_thought} × {cfg.max_latent_stage} stages) |
+| extra parameters | none (no projection: a thought is the final-norm state, fed as is) |
+| tokenizer | the CODI organism's (word level, numbers 0–999 one token each, BOS prepended) with `#` appended as id {v0 - 1}; every other id unchanged |
+
+Prompt: BOS, question, `<|start-latent|>`, K × `<|latent|>`, `<|end-latent|>`; answer
+`{sc['answer_template']}` then eos. Thought 1 is the final-norm state at `<|start-latent|>`,
+thought k + 1 the final-norm state at latent k, each fed raw as the input embedding of the next
+latent position. (Coconut appends "\\n" to the question; this tokenizer splits on
+whitespace, so the newline adds no token.)
+
+## Data
+
+The CODI organism's problems: templated word problems with 8 names, 8 item nouns, 2–3
+phrasings per operation (+, −, ×, exact ÷), every intermediate result in 0–100; one CoT step
+per operation (`<< 12 + 5 = 17 >>`); answers "### N". Training problems are sampled on the fly
+(1 : 2 : 2 by number of steps), batched by question length, and never equal a held-out or
+default-pair question.
+
+## Recipe (Coconut's)
+
+| phase | from step | latents | language targets | final loss |
+|---|---|---|---|---|
+{stage_rows}
+
+* Stage s replaces the first s CoT steps by c_thought × s = {cfg.c_thought}s latents; the loss is CE on
+  the remaining steps and the answer, never on a latent or a marker. Every problem gets the
+  stage's latents, even one with fewer steps. Problems have at most {cfg.max_latent_stage} steps, so the
+  last stage is Coconut's pad_latent_to_max stage: K = {sc['num_thoughts']} for every problem, no language step.
+* The phase before stage 0 trains plain language CoT without markers — the CoT model Coconut's
+  GSM8K recipe starts from (its `cot` run); stage 0 adds the markers with no latent.
+* The continuous thoughts come from the model's own forward passes, with gradients through
+  them (Coconut's multi-pass forward: one pass per latent on a KV cache).
+* The optimizer is reset at every phase; full fine-tuning; no distillation, no auxiliary loss.
+
+Departures from Coconut's GSM8K recipe, for a 1 M-parameter model trained from scratch on
+two CPU threads (the CODI organism's findings):
+* number embeddings initialised from a fixed random projection of n/200 and cos/sin(2πn/T);
+* problems sampled 1 : 2 : 2 by number of steps, batches from one question-length bucket
+  (Coconut left-pads a batch so that the latents line up; here no padding is needed);
+* AdamW β = {cfg.betas}, lr {cfg.lr:g} with {cfg.warmup} warm-up steps and cosine decay to {cfg.min_lr_frac:g}× over the
+  whole run (Coconut: constant 1e-4), weight decay {cfg.weight_decay:g} on matrices only, clip {cfg.clip:g}, batch {cfg.batch};
+* a schedule in steps ({cfg.steps} in all, seed {cfg.seed}) instead of epochs.
+
+Training took {wall_s / 60:.1f} min of wall time on {platform.machine()} ({cfg.threads} threads, torch {sc['torch']};
+{sc['train_steps_per_s']:.2f} steps/s on a machine shared with other jobs); the schedule is defined in steps, so machine
+load changes the time, not the model. Retrain with
+`thoughtpatch toy train --family coconut --out DIR --seed {cfg.seed}` (same seed, steps and thread count
+give identical weights).
+
+## Accuracy (held-out, greedy, Coconut's decoding and answer rule; n = {sc['eval_n']}, %)
+
+{accuracy_markdown(sc['accuracy'], COCONUT_LABELS)}
+
+{uses_thoughts(sc['accuracy'])}
+
+Decoding as Coconut's `run.py`: argmax over every id, the first token always kept, a later eos
+stops and is dropped, at most {sc['max_new_tokens']} tokens; the answer is the text after the last `#` of
+decode(prompt + generation, skip_special_tokens=True), commas removed, compared as a string.
+"thoughts zeroed" feeds zero vectors at every latent; "thoughts → mean" feeds, at latent k,
+the mean over the held-out set of the k-th thought; "K = 0" goes from `<|start-latent|>`
+straight to `<|end-latent|>`; "explicit CoT" is the question alone (no marker): greedy
+language CoT, then "### N".
+"""

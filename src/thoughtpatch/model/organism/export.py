@@ -20,7 +20,7 @@ LABELS = {"with_thoughts": "with thoughts", "thoughts_zeroed": "thoughts zeroed"
           "thoughts_resample": "thoughts → another question's", "no_thoughts": "no thoughts (K = 0)", "cot": "explicit CoT (teacher)"}
 
 
-def accuracy_markdown(acc: dict) -> str:
+def accuracy_markdown(acc: dict, labels: dict[str, str] = LABELS) -> str:
     steps = sorted({s for v in acc.values() for s in v["steps"]})
     head = "| condition | all | " + " | ".join(f"{s}-step" for s in steps) + " |"
     rows = [head, "|" + "---|" * (2 + len(steps))]
@@ -28,7 +28,7 @@ def accuracy_markdown(acc: dict) -> str:
         if cond in acc:
             a = acc[cond]
             cells = [f"{100 * a['all']:.1f}"] + [f"{100 * a['steps'][s]:.1f}" if s in a["steps"] else "–" for s in steps]
-            rows.append(f"| {LABELS[cond]} | " + " | ".join(cells) + " |")
+            rows.append(f"| {labels[cond]} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
