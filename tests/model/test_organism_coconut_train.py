@@ -131,12 +131,32 @@ def test_greedy_follows_coconuts_rules():
     assert gold_string(14.0) == "14" and gold_string(2.5) == "2.5" and gold_string("1,000") == "1000"
 
 
-def test_loss_falls_through_every_stage():
-    _, _, log = train_coconut(tiny(40, stages=(0.05, 0.1, 0.15, 0.2)), progress=False)
+@pytest.mark.parametrize("w_aux", [0.0, 1.0])
+def test_loss_falls_through_every_stage(w_aux):
+    _, _, log = train_coconut(tiny(40, stages=(0.05, 0.1, 0.15, 0.2), w_aux=w_aux), progress=False)
     assert {r["mode"] for r in log} == {-1, 0, 1, 2, 3}
-    final = [r["loss"] for r in log if r["mode"] == 3]
-    assert sum(final[-5:]) / 5 < 0.8 * sum(final[:5]) / 5, final
-    assert log[-1]["loss"] < 0.7 * log[0]["loss"]
+    final = [r for r in log if r["mode"] == 3]
+    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    for k, f in [("loss", 0.8), ("ce", 0.8)] + ([("aux", 0.9)] if w_aux else []):
+        assert mean(final[-5:], k) < f * mean(final[:5], k), (k, final)
+    assert log[-1]["ce"] < 0.7 * log[0]["ce"]
+    # The auxiliary loss exists only with latents (stage >= 1) and only when asked for.
+    assert all(("aux" in r) == (w_aux > 0 and r["mode"] >= 1) for r in log)
+
+
+def test_aux_targets(tok):
+    from thoughtpatch.model.organism.coconut_train import aux_targets
+    from thoughtpatch.model.organism.tokenizer import COCONUT_ANSWER_TEMPLATE
+    from thoughtpatch.model.organism.train import Encoder
+
+    enc = Encoder(tok, COCONUT_ANSWER_TEMPLATE, "\n")
+    e3 = enc.example(Q, "<<12+5=17>> <<17-3=14>> <<14*2=28>>", 28, [17, 14, 28])
+    e1 = enc.example(Q, "<<12+5=17>>", 17, [17])
+    y = [tok.convert_tokens_to_ids(str(v)) for v in (17, 14, 28)]
+    # Thought 2j (the state at latent 2j - 1) decodes y_j for every step the stage replaced.
+    assert aux_targets([e3, e1], 2, 2, 4).tolist() == [[-100, y[0], -100, y[1]], [-100, y[0], -100, -100]]
+    assert aux_targets([e3], 3, 2, 6).tolist() == [[-100, y[0], -100, y[1], -100, y[2]]]
+    assert aux_targets([e3], 1, 2, 2).tolist() == [[-100, y[0]]]
 
 
 def test_deterministic_for_a_seed():

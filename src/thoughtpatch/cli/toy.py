@@ -21,6 +21,7 @@ def train_cmd(
     minutes: float = typer.Option(None, "--minutes", help="Scale the step budget linearly: M / 30 of the default steps (codi: 4000, ~30 min on 2 idle CPU threads; coconut: 6000)."),
     steps: int = typer.Option(None, "--steps", help="Exact number of optimiser steps (overrides --minutes)."),
     seed: int = typer.Option(0, "--seed", help="Seed: same seed, same steps, same threads -> identical weights."),
+    aux: float = typer.Option(None, "--aux", help="Weight of the auxiliary loss that makes thoughts decode the intermediate results (default 1; 0 = the family's plain recipe)."),
     threads: int = typer.Option(2, "--threads", help="CPU threads (results are bit-identical only for the same count)."),
     eval_n: int = typer.Option(None, "--eval-n", help="Held-out problems for the model card's accuracy table (default: all 600)."),
 ) -> None:
@@ -37,6 +38,8 @@ def train_cmd(
         raise ThoughtpatchError("--minutes must be positive")
     if steps is not None and steps < 1:
         raise ThoughtpatchError("--steps must be positive")
+    if aux is not None and aux < 0:
+        raise ThoughtpatchError("--aux must be >= 0")
     if family == "codi":
         from thoughtpatch.model.organism.train import TrainConfig, steps_for_minutes, train
     else:
@@ -54,6 +57,8 @@ def train_cmd(
         cfg.steps = steps
     elif minutes is not None:
         cfg.steps = steps_for_minutes(minutes)
+    if aux is not None:
+        cfg.w_aux = aux
     con = Console(stderr=True)
     con.print(f"training the {family} organism: {cfg.steps} steps, seed {seed}, {threads} threads -> {out}")
     train(cfg, out_dir=out, eval_problems=eval_n)

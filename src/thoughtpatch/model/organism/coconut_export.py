@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
 from pathlib import Path
 
 import torch
@@ -66,7 +65,7 @@ def load_coconut_organism(path: str | Path):
     return hf, tok, sidecar
 
 
-def save_coconut_organism(out_dir, hf, tok, v0: int, cfg, heldout, pairs, log, wall_s: float,
+def save_coconut_organism(out_dir, hf, tok, v0: int, cfg, heldout, pairs, log, wall_s: float, cpu_s: float,
                           eval_problems: int | None = None) -> dict:
     """Write everything, reload the directory and measure the accuracy table on it."""
     from safetensors.torch import save_file
@@ -100,6 +99,7 @@ def save_coconut_organism(out_dir, hf, tok, v0: int, cfg, heldout, pairs, log, w
         "train": cfg.to_dict(),
         "train_wall_s": round(wall_s, 1),
         "train_steps_per_s": round(len(log) / max(wall_s, 1e-9), 3),
+        "train_cpu_s": round(cpu_s, 1),  # process CPU time, all threads: the idle-machine estimate
         "torch": torch.__version__,
     }
     m, mtok, _ = load_coconut_organism(out)
@@ -107,7 +107,7 @@ def save_coconut_organism(out_dir, hf, tok, v0: int, cfg, heldout, pairs, log, w
     res = coconut.evaluate(m, mtok, spread(probs, eval_problems), cfg.num_thoughts, CONDITIONS, MAX_NEW_TOKENS)
     sidecar |= {"eval_n": res["n"], "accuracy": res["accuracy"]}
     atomic_write_text(out / SIDECAR, json.dumps(sidecar, indent=1) + "\n")
-    atomic_write_text(out / "MODEL_CARD.md", model_card(cfg, sidecar, len(heldout), len(pairs), log, wall_s))
+    render_model_card(out)
     return sidecar
 
 
@@ -123,27 +123,75 @@ def uses_thoughts(acc: dict) -> str:
             f"({COCONUT_LABELS[best]}) {100 * ablations[best]:.1f} %, {gap:.1f} points less: {verdict}.")
 
 
-def model_card(cfg, sc: dict, n_heldout: int, n_pairs: int, log: list[dict], wall_s: float) -> str:
-    m = cfg.model
+PLAIN_RECIPE_FINDING = """\
+Coconut's plain recipe (`--aux 0`: the same run without the auxiliary loss) gave a model that
+answers as well but does not use its thoughts' content: 3,000 steps, seed 0, 300 held-out
+problems — 88.3 % with thoughts, 88.0 % zeroed, 87.0 % mean-ablated, 58.7 % with K = 0. Its
+six thoughts are one near-constant vector (pairwise cosine 0.90–1.00, norm 17.6) that the LM
+head reads as `#`; the latent *positions* add computation through attention, like pause
+tokens, and the fed vectors carry nothing. A published analysis of Coconut models reports the
+same (Zhang et al. 2025, "Do Latent Tokens Think?", arXiv 2512.21711: latent tokens are
+insensitive to perturbation). Initialising the final-norm gain at 0.05 so that thoughts start
+at embedding scale slowed the CoT phase tenfold (10.7 % at the end of stage 0, vs 71 %) and
+was dropped."""
+
+
+def render_model_card(out_dir: str | Path) -> str:
+    """MODEL_CARD.md from the files of an organism directory (thoughtpatch.json, train_log.json)."""
+    d = Path(out_dir)
+    sc = json.loads((d / SIDECAR).read_text())
+    log = json.loads((d / "train_log.json").read_text())
+    n_heldout = len(json.loads((d / "heldout.json").read_text()))
+    n_pairs = len(json.loads((d / "pairs.json").read_text()))
+    text = model_card(sc, n_heldout, n_pairs, log[-1] if log else {})
+    atomic_write_text(d / "MODEL_CARD.md", text)
+    return text
+
+
+def _phases(t: dict) -> list[tuple[int, int, int]]:
+    """(stage, first step, steps) of each phase of the schedule in the training config `t`."""
+    out: dict[int, list[int]] = {}
+    for step in range(t["steps"]):  # stage_at's rule
+        out.setdefault(sum(step / t["steps"] >= f for f in t["stages"]) - 1, [step, 0])[1] += 1
+    return [(s, first, n) for s, (first, n) in out.items()]
+
+
+def model_card(sc: dict, n_heldout: int, n_pairs: int, last: dict) -> str:
+    t = sc["train"]
+    m = t["model"]
     v0 = sc["base_vocab"]
-    first = {}
-    for r in log:
-        first.setdefault(r["mode"], r["step"])
-    last = {}
-    for r in log:
-        last[r["mode"]] = r["loss"]
-    stage_rows = "\n".join(
-        f"| {'CoT (no markers)' if s < 0 else s} | {first[s]} | {0 if s < 0 else cfg.c_thought * s} | "
-        f"{'all steps, answer' if s < 0 else ('answer only' if s == cfg.max_latent_stage else f'steps {s + 1}.. , answer')} | {last[s]:.3f} |"
-        for s in sorted(first))
+    c, top = t["c_thought"], t["max_latent_stage"]
+    aux = t["w_aux"] > 0
+    rows = []
+    for s, first, n in _phases(t):
+        if s < 0:
+            rows.append(f"| CoT (no markers) | {first} | {n} | 0 | every step, answer | – |")
+            continue
+        lang = "answer" if s >= top else ("every step, answer" if s == 0 else f"step{'s' * (s + 1 < top)} {s + 1}{f'–{top}' * (s + 1 < top)}, answer")
+        aux_cell = (f"thought{'s' * (s > 1)} {', '.join(str(c * (j + 1)) for j in range(s))} → "
+                    f"{', '.join(f'y{j + 1}' for j in range(s))}") if aux and s else "–"
+        rows.append(f"| stage {s} | {first} | {n} | {c * s} | {lang} | {aux_cell} |")
+    losses = ", ".join(f"{k} {last[k]:.3f}" for k in ("ce", "aux") if k in last)
+    idle = sc["train_cpu_s"] / t["threads"] / 60
+    warning = f"""
+**Not plain Coconut.** This organism adds an auxiliary loss that Coconut does not have (weight
+{t['w_aux']:g}): for each CoT step j a stage has replaced by latents, the LM head applied to the
+thought that follows it (thought {c}j, the final-norm state at latent {c}j − 1) must predict the
+step's result y_j — where Coconut gives every latent position no label. Without it the
+model does not use its thoughts (below). No distillation, no teacher, no projection: the
+thoughts are still the raw final-norm states, fed back by Coconut's loop.
+""" if aux else """
+**Coconut's plain recipe** (no auxiliary loss): see the accuracy table for whether it uses
+its thoughts.
+"""
     return f"""# The Coconut organism: a tiny Coconut model
 
 A {sc['parameters'] / 1e6:.2f} M-parameter LLaMA-architecture (`LlamaForCausalLM`) continuous-thought
-model trained with Coconut's recipe (Hao et al. 2024, "Training Large Language Models to Reason
-in a Continuous Latent Space", facebookresearch/coconut) on the same synthetic 1–3 step
+model trained with Coconut's curriculum (Hao et al. 2024, "Training Large Language Models to
+Reason in a Continuous Latent Space", facebookresearch/coconut) on the same synthetic 1–3 step
 arithmetic problems, base architecture and tokenizer as the CODI organism (`thoughtpatch/toy/`),
 so that the two families can be compared on the same {n_pairs} default pairs. `--model toy-coconut` loads it.
-
+{warning}
 ## Files
 
 This directory is both a Coconut checkpoint and its own base model:
@@ -161,19 +209,19 @@ The markers are added at load time with `tokenizer.add_tokens` in Coconut's orde
 
 | | |
 |---|---|
-| layers / hidden / MLP | {m.layers} / {m.hidden} / {m.mlp} |
-| heads / KV heads | {m.heads} / {m.kv_heads} |
+| layers / hidden / MLP | {m['layers']} / {m['hidden']} / {m['mlp']} |
+| heads / KV heads | {m['heads']} / {m['kv_heads']} |
 | embeddings | tied, V0 + 3 = {v0 + 3} rows; the marker rows start as copies of the `<<` row (Coconut's init) |
-| max positions | {m.max_positions} |
-| thoughts K | {sc['num_thoughts']} (c_thought {cfg.c_thought} × {cfg.max_latent_stage} stages) |
-| extra parameters | none (no projection: a thought is the final-norm state, fed as is) |
+| max positions | {m['max_positions']} |
+| thoughts K | {sc['num_thoughts']} (c_thought {c} × {top} stages) |
+| extra parameters | none: a thought is the final-norm state, fed as is |
 | tokenizer | the CODI organism's (word level, numbers 0–999 one token each, BOS prepended) with `#` appended as id {v0 - 1}; every other id unchanged |
 
 Prompt: BOS, question, `<|start-latent|>`, K × `<|latent|>`, `<|end-latent|>`; answer
 `{sc['answer_template']}` then eos. Thought 1 is the final-norm state at `<|start-latent|>`,
 thought k + 1 the final-norm state at latent k, each fed raw as the input embedding of the next
-latent position. (Coconut appends "\\n" to the question; this tokenizer splits on
-whitespace, so the newline adds no token.)
+latent position. (Coconut appends a newline to the question; this tokenizer splits on
+whitespace, so it adds no token.)
 
 ## Data
 
@@ -183,35 +231,37 @@ per operation (`<< 12 + 5 = 17 >>`); answers "### N". Training problems are samp
 (1 : 2 : 2 by number of steps), batched by question length, and never equal a held-out or
 default-pair question.
 
-## Recipe (Coconut's)
+## Recipe
 
-| phase | from step | latents | language targets | final loss |
-|---|---|---|---|---|
-{stage_rows}
+| phase | from step | steps | latents | language targets | auxiliary targets |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
 
-* Stage s replaces the first s CoT steps by c_thought × s = {cfg.c_thought}s latents; the loss is CE on
-  the remaining steps and the answer, never on a latent or a marker. Every problem gets the
-  stage's latents, even one with fewer steps. Problems have at most {cfg.max_latent_stage} steps, so the
-  last stage is Coconut's pad_latent_to_max stage: K = {sc['num_thoughts']} for every problem, no language step.
-* The phase before stage 0 trains plain language CoT without markers — the CoT model Coconut's
-  GSM8K recipe starts from (its `cot` run); stage 0 adds the markers with no latent.
-* The continuous thoughts come from the model's own forward passes, with gradients through
-  them (Coconut's multi-pass forward: one pass per latent on a KV cache).
-* The optimizer is reset at every phase; full fine-tuning; no distillation, no auxiliary loss.
+Coconut's:
+* stage s replaces the first s CoT steps by c_thought × s = {c}s latents; the CE loss is on the
+  remaining steps and the answer, never on a latent or a marker; every problem gets the
+  stage's latents, even one with fewer steps. Problems have at most {top} steps, so the last
+  stage is Coconut's pad_latent_to_max stage: K = {sc['num_thoughts']} for every problem, no language step;
+* the phase before stage 0 trains language CoT without markers — the CoT model Coconut's GSM8K
+  recipe starts from; stage 0 adds the markers with no latent;
+* the thoughts come from the model's own forward passes, with gradients through them
+  (Coconut's multi-pass forward: one pass per latent on a KV cache);
+* a fresh optimizer at every phase; full fine-tuning; no distillation.
 
-Departures from Coconut's GSM8K recipe, for a 1 M-parameter model trained from scratch on
-two CPU threads (the CODI organism's findings):
-* number embeddings initialised from a fixed random projection of n/200 and cos/sin(2πn/T);
+Not Coconut's, for a 1 M-parameter model trained from scratch on two CPU threads:
+{'* the auxiliary loss above;' + chr(10) if aux else ''}* number embeddings initialised from a fixed random projection of n/200 and cos/sin(2πn/T)
+  (the CODI organism's init);
 * problems sampled 1 : 2 : 2 by number of steps, batches from one question-length bucket
   (Coconut left-pads a batch so that the latents line up; here no padding is needed);
-* AdamW β = {cfg.betas}, lr {cfg.lr:g} with {cfg.warmup} warm-up steps and cosine decay to {cfg.min_lr_frac:g}× over the
-  whole run (Coconut: constant 1e-4), weight decay {cfg.weight_decay:g} on matrices only, clip {cfg.clip:g}, batch {cfg.batch};
-* a schedule in steps ({cfg.steps} in all, seed {cfg.seed}) instead of epochs.
+* AdamW β = {tuple(t['betas'])}, lr {t['lr']:g} with {t['warmup']} warm-up steps and cosine decay to {t['min_lr_frac']:g}× over the
+  whole run (Coconut: constant 1e-4), weight decay {t['weight_decay']:g} on matrices only, clip {t['clip']:g}, batch {t['batch']};
+* a schedule in steps ({t['steps']} in all, seed {t['seed']}) instead of epochs.
 
-Training took {wall_s / 60:.1f} min of wall time on {platform.machine()} ({cfg.threads} threads, torch {sc['torch']};
-{sc['train_steps_per_s']:.2f} steps/s on a machine shared with other jobs); the schedule is defined in steps, so machine
+Final losses: {losses}. Training took {sc['train_wall_s'] / 60:.1f} min of wall time ({t['threads']} threads, torch
+{sc['torch']}, {sc['train_steps_per_s']:.2f} steps/s on a machine shared with other jobs) and {sc['train_cpu_s'] / 60:.1f} min of
+CPU time, i.e. about {idle:.0f} min on {t['threads']} idle cores. The schedule is defined in steps, so machine
 load changes the time, not the model. Retrain with
-`thoughtpatch toy train --family coconut --out DIR --seed {cfg.seed}` (same seed, steps and thread count
+`thoughtpatch toy train --family coconut --out DIR --seed {t['seed']}` (same seed, steps and thread count
 give identical weights).
 
 ## Accuracy (held-out, greedy, Coconut's decoding and answer rule; n = {sc['eval_n']}, %)
@@ -226,5 +276,9 @@ decode(prompt + generation, skip_special_tokens=True), commas removed, compared 
 "thoughts zeroed" feeds zero vectors at every latent; "thoughts → mean" feeds, at latent k,
 the mean over the held-out set of the k-th thought; "K = 0" goes from `<|start-latent|>`
 straight to `<|end-latent|>`; "explicit CoT" is the question alone (no marker): greedy
-language CoT, then "### N".
+language CoT, then "### N" — a mode trained only in the first phase, as in Coconut.
+
+## Coconut's plain recipe
+
+{PLAIN_RECIPE_FINDING}
 """

@@ -9,8 +9,7 @@ Phases, defined in steps so that a seed gives the same model whatever the machin
   answer only (never on a marker or a latent). Every problem gets c_thought·s latents, even
   one with fewer steps (Coconut's rule). Problems have at most max_latent_stage steps, so the
   last stage is Coconut's pad_latent_to_max stage: no language step, K latents for all.
-* a fresh AdamW at each phase (reset_optimizer); full fine-tuning; no distillation, no
-  auxiliary loss.
+* a fresh AdamW at each phase (reset_optimizer); full fine-tuning; no distillation.
 
 Each latent's input is the final-norm state of the position before it, produced by the
 model's own forward passes with gradients flowing through them (Coconut's multi-pass forward).
@@ -18,11 +17,16 @@ model's own forward passes with gradients flowing through them (Coconut's multi-
 Departures from Coconut's GSM8K recipe (for a 1 M-parameter model trained from scratch on
 two CPU threads): number embeddings initialised from Fourier features; problems sampled
 1 : 2 : 2 by number of steps, batches from one question-length bucket; lr 1e-3 with warm-up
-and cosine decay instead of a constant 1e-4; a step schedule instead of epochs.
+and cosine decay instead of a constant 1e-4; a step schedule instead of epochs; and, unless
+w_aux = 0, an auxiliary loss that is not Coconut's (`aux_targets`): the thoughts that follow
+a replaced step must decode its result. With the plain recipe (w_aux = 0) this model learns
+to use the latent *positions* (K = 0 costs ~30 points) but not the thought *content*: its six
+thoughts are one near-constant vector and zeroing or mean-ablating them changes almost nothing.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -53,6 +57,7 @@ class CoconutTrainConfig:
     stages: tuple[float, ...] = (0.15, 0.2, 0.35, 0.5)  # start of stage 0, 1, ..., max_latent_stage (fractions of steps)
     c_thought: int = 2  # latents per replaced CoT step
     step_mix: tuple[int, int, int] = (1, 2, 2)  # sampling weight of 1-, 2-, 3-step problems
+    w_aux: float = 1.0  # auxiliary loss on the thoughts (not Coconut's; 0 = Coconut's plain recipe)
     seed: int = 0
     threads: int = 2
     model: OrganismConfig = field(default_factory=OrganismConfig)
@@ -110,9 +115,27 @@ def coconut_losses(hf, batch: list[Example], stage: int, cfg: CoconutTrainConfig
     labels = torch.full((len(rows), suffix.shape[1] + 1), -100)
     for i, r in enumerate(rows):
         labels[i, : len(r[3])] = torch.tensor(r[3])
-    lp = latent_pass(hf, prefix, rows[0][1], suffix)
-    loss = _ce(lp.logits, labels)
-    return {"ce": loss, "loss": loss}
+    k = rows[0][1]
+    lp = latent_pass(hf, prefix, k, suffix)
+    res = {"ce": _ce(lp.logits, labels)}
+    res["loss"] = res["ce"]
+    if cfg.w_aux and k:
+        res["aux"] = _ce(hf.lm_head(lp.fed), aux_targets(batch, stage, cfg.c_thought, k))
+        res["loss"] = res["loss"] + cfg.w_aux * res["aux"]
+    return res
+
+
+def aux_targets(batch: list[Example], stage: int, c_thought: int, k: int) -> torch.Tensor:
+    """[B, k] targets of the auxiliary loss on the fed thoughts: for each CoT step j (1-based)
+    a stage has replaced, the state fed as thought c_thought·j — the final-norm state at latent
+    c_thought·j − 1 — must decode y_j through the LM head (for c_thought = 2: thoughts 2, 4, 6
+    carry y_1, y_2, y_3). Every other thought: -100."""
+    tgt = torch.full((len(batch), k), -100)
+    for i, e in enumerate(batch):
+        for j, y in enumerate(e.results[:stage]):
+            if c_thought * (j + 1) <= k:
+                tgt[i, c_thought * (j + 1) - 1] = y
+    return tgt
 
 
 def train_coconut(cfg: CoconutTrainConfig, out_dir: str | Path | None = None, progress: bool = True,
@@ -139,10 +162,12 @@ def _train(cfg: CoconutTrainConfig, out_dir, progress: bool, on_step, eval_probl
     enc = Encoder(tok, COCONUT_ANSWER_TEMPLATE, "\n")
     batches = training_batches(enc, cfg, heldout_questions(heldout, pairs))
     pad = tok.eos_token_id  # Coconut: pad = eos (padded positions carry no loss)
+    cpu0 = time.process_time()
     log, wall = optimise(cfg, [hf], lambda stage: coconut_losses(hf, next(batches), stage, cfg, ids, pad),
                          stage_at, stage_label, progress, on_step, stop_after, reset_optimizer=True)
     if out_dir is not None:
         from thoughtpatch.model.organism.coconut_export import save_coconut_organism
 
-        save_coconut_organism(out_dir, hf, tok, v0, cfg, heldout, pairs, log, wall, eval_problems=eval_problems)
+        save_coconut_organism(out_dir, hf, tok, v0, cfg, heldout, pairs, log, wall, time.process_time() - cpu0,
+                              eval_problems=eval_problems)
     return hf, tok, log
