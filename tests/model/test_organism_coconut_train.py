@@ -20,15 +20,23 @@ def tiny(steps: int, **kw) -> CoconutTrainConfig:
 
 @pytest.fixture(scope="module")
 def tok():
-    from thoughtpatch.model.organism.tokenizer import COCONUT_EXTRA, add_coconut_markers, build_tokenizer
+    from thoughtpatch.model.families import COCONUT_MARKERS
+    from thoughtpatch.model.organism.tokenizer import COCONUT_EXTRA, build_tokenizer
 
     t = build_tokenizer(COCONUT_EXTRA)
-    add_coconut_markers(t)
+    t.add_tokens(list(COCONUT_MARKERS))
     return t
 
 
+def _markers(tok) -> tuple[int, int, int]:
+    from thoughtpatch.model.families import COCONUT_MARKERS
+
+    return tuple(tok.convert_tokens_to_ids(list(COCONUT_MARKERS)))
+
+
 def test_tokenizer_keeps_codi_ids(tok):
-    from thoughtpatch.model.organism.tokenizer import COCONUT_MARKERS, build_tokenizer
+    from thoughtpatch.model.families import COCONUT_MARKERS
+    from thoughtpatch.model.organism.tokenizer import build_tokenizer
 
     codi = build_tokenizer()
     v0 = len(codi) + 1
@@ -43,15 +51,14 @@ def test_tokenizer_keeps_codi_ids(tok):
 
 
 def test_schedule_and_sequences(tok):
-    from thoughtpatch.model.organism.coconut import markers
-    from thoughtpatch.model.organism.tokenizer import COCONUT_ANSWER_TEMPLATE
+    from thoughtpatch.model.families import COCONUT
     from thoughtpatch.model.organism.train import Encoder
 
     cfg = CoconutTrainConfig(steps=100)
     assert cfg.num_thoughts == 6 and cfg.model.num_thoughts == 6 and cfg.max_latent_stage == 3
     assert [stage_at(s, cfg) for s in (0, 14, 15, 19, 20, 34, 35, 49, 50, 99)] == [-1, -1, 0, 0, 1, 1, 2, 2, 3, 3]
-    e = Encoder(tok, COCONUT_ANSWER_TEMPLATE, "\n").example(Q, "<<12+5=17>> <<17-3=14>>", 14, [17, 14])
-    ids = markers(tok)
+    e = Encoder(tok, COCONUT.answer_template, "\n").example(Q, "<<12+5=17>> <<17-3=14>>", 14, [17, 14])
+    ids = _markers(tok)
     start, end, _ = ids
     text = lambda x: tok.decode(x, skip_special_tokens=True)  # noqa: E731
     pre, k, suf, lab = sequences(e, -1, 2, ids)  # language CoT, no markers
@@ -77,8 +84,8 @@ def _full_recompute(hf, prefix, k, suffix):
 
 
 @pytest.mark.parametrize("k", [0, 1, 4])
-def test_latent_pass_is_coconuts_loop(tok, k):
-    from thoughtpatch.model.organism.coconut import latent_pass
+def test_coconut_pass_is_coconuts_loop(tok, k):
+    from thoughtpatch.model.organism.latent import coconut_pass
     from thoughtpatch.model.organism.model import build_coconut_organism
 
     hf = build_coconut_organism(TINY, tok, 0)
@@ -87,7 +94,7 @@ def test_latent_pass_is_coconuts_loop(tok, k):
             p.add_(torch.randn_like(p) * 0.1)
     prefix = torch.tensor([tok(Q + "\n")["input_ids"] + [len(tok) - 3]] * 2)
     suffix = torch.tensor([[len(tok) - 2, 5, 9, 2], [len(tok) - 2, 7, 2, 2]])
-    lp = latent_pass(hf, prefix, k, suffix)
+    lp = coconut_pass(hf, prefix, k, suffix)
     ref = _full_recompute(hf, prefix, k, suffix)
     assert lp.logits.shape == ref.shape == (2, 1 + suffix.shape[1], len(tok)) and lp.fed.shape == (2, k, 32)
     torch.testing.assert_close(lp.logits, ref, atol=1e-5, rtol=1e-4)
@@ -96,39 +103,6 @@ def test_latent_pass_is_coconuts_loop(tok, k):
     g2 = torch.autograd.grad(ref.square().mean(), list(hf.parameters()))
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
-
-
-class _Out(dict):
-    logits = property(lambda self: self["logits"])
-
-
-class _Scripted:
-    """A stand-in LM whose decoding steps predict the ids of a script, one per call."""
-
-    def __init__(self, script: list[int], vocab: int):
-        self.script, self.vocab, self.i = script, vocab, 0
-
-    def forward(self, input_ids=None, use_cache=True, cache=None):
-        logits = torch.zeros(input_ids.shape[0], 1, self.vocab)
-        logits[:, -1, self.script[self.i]] = 1.0
-        self.i += 1
-        return _Out(logits=logits, cache=cache)
-
-    def __call__(self, **kw):
-        return self.forward(**kw)
-
-
-def test_greedy_follows_coconuts_rules():
-    from thoughtpatch.model.organism.coconut import extract_answer, gold_string, greedy
-
-    eos, v = 2, 10
-    first = torch.zeros(1, v)
-    first[0, eos] = 1.0  # token 1 is eos: kept, no stop test
-    assert greedy(_Scripted([5, 6, eos, 7], v), first, None, max_new_tokens=10, eos=eos) == [[eos, 5, 6]]  # later eos stops, dropped
-    assert greedy(_Scripted([5, 6, eos, 7], v), first, None, max_new_tokens=2, eos=eos) == [[eos, 5]]  # at most max_new_tokens
-    assert extract_answer("q? <|start-latent|> # # # 1,234 ") == "1234"
-    assert extract_answer("no hash 14") == "no hash 14" and extract_answer("ends #") == ""
-    assert gold_string(14.0) == "14" and gold_string(2.5) == "2.5" and gold_string("1,000") == "1000"
 
 
 @pytest.mark.parametrize("w_aux", [0.0, 1.0])
@@ -146,10 +120,10 @@ def test_loss_falls_through_every_stage(w_aux):
 
 def test_aux_targets(tok):
     from thoughtpatch.model.organism.coconut_train import aux_targets
-    from thoughtpatch.model.organism.tokenizer import COCONUT_ANSWER_TEMPLATE
+    from thoughtpatch.model.families import COCONUT
     from thoughtpatch.model.organism.train import Encoder
 
-    enc = Encoder(tok, COCONUT_ANSWER_TEMPLATE, "\n")
+    enc = Encoder(tok, COCONUT.answer_template, "\n")
     e3 = enc.example(Q, "<<12+5=17>> <<17-3=14>> <<14*2=28>>", 28, [17, 14, 28])
     e1 = enc.example(Q, "<<12+5=17>>", 17, [17])
     y = [tok.convert_tokens_to_ids(str(v)) for v in (17, 14, 28)]
@@ -180,11 +154,12 @@ def test_optimizer_resets_at_each_stage(monkeypatch):
     assert len(made) == 5  # the CoT phase and stages 0..3
 
 
-def test_checkpoint_has_coconuts_keys_and_reloads(tmp_path):
+def test_checkpoint_has_coconuts_keys_and_runs_in_the_runtime(tmp_path):
     from safetensors.torch import load_file
+    from transformers import AutoTokenizer
 
-    from thoughtpatch.model.organism.coconut import latent_pass, markers
-    from thoughtpatch.model.organism.coconut_export import load_coconut_organism
+    from thoughtpatch.model import load_model
+    from thoughtpatch.model.organism.latent import coconut_pass
 
     hf, tok, _ = train_coconut(tiny(4, stages=(0.0, 0.0, 0.0, 0.0)), out_dir=tmp_path, progress=False, eval_problems=6)
     v0 = len(tok) - 3
@@ -198,24 +173,27 @@ def test_checkpoint_has_coconuts_keys_and_reloads(tmp_path):
     assert torch.equal(sd["embedding.weight"], sd["base_causallm.model.embed_tokens.weight"])
     assert torch.equal(sd["embedding.weight"], sd["base_causallm.lm_head.weight"])
     assert json.loads((tmp_path / "config.json").read_text())["vocab_size"] == v0
-    from transformers import AutoTokenizer
-
     base = AutoTokenizer.from_pretrained(str(tmp_path))
     assert len(base) == v0 and "<|latent|>" not in base.get_vocab()  # markers come at load time
     side = json.loads((tmp_path / "thoughtpatch.json").read_text())
     assert side["family"] == "coconut" and side["num_thoughts"] == 6 and side["answer_template"] == "### {answer}"
     assert side["organism"] and side["max_new_tokens"] == 64 and side["eval_n"] == 6
-    assert set(side["accuracy"]) == {"with_thoughts", "thoughts_zeroed", "thoughts_mean", "no_thoughts", "cot"}
-    assert side["train"]["c_thought"] == 2 and side["train"]["max_latent_stage"] == 3
+    assert set(side["accuracy"]) == {"with_thoughts", "thoughts_zeroed", "thoughts_mean", "thoughts_resample", "no_thoughts", "cot"}
+    assert side["train"]["c_thought"] == 2 and side["train"]["max_latent_stage"] == 3 and side["train"]["w_aux"] == 1.0
     assert len(json.loads((tmp_path / "pairs.json").read_text())) == 57
+    assert "Not plain Coconut" in (tmp_path / "MODEL_CARD.md").read_text()
 
-    m, mtok, _ = load_coconut_organism(tmp_path)
-    assert markers(mtok) == (v0, v0 + 1, v0 + 2) and markers(tok) == markers(mtok)
-    ids = mtok(Q + "\n")["input_ids"] + [v0]
+    # The runtime loads it as Coconut (family from the keys) and runs the loop training used.
+    m = load_model(str(tmp_path))
+    assert m.family.name == "coconut" and m.num_thoughts == 6 and _markers(m.tokenizer) == _markers(tok) == (v0, v0 + 1, v0 + 2)
+    ids = m.prompt_ids(Q)
+    assert ids == tok(Q + "\n")["input_ids"] + [v0]
+    st = m.think(m.encode(torch.tensor([ids])), record=("input",))
+    gens, first = m.generate(st, max_new_tokens=3)
     with torch.no_grad():
-        a = latent_pass(hf, torch.tensor([ids]), 6, torch.tensor([[v0 + 1]])).logits
-        b = latent_pass(m, torch.tensor([ids]), 6, torch.tensor([[v0 + 1]])).logits
-    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        ref = coconut_pass(hf, torch.tensor([ids]), 6, torch.tensor([[v0 + 1]]))
+    torch.testing.assert_close(st.latent_inputs(), ref.fed, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(first, ref.logits[:, -1], atol=1e-4, rtol=1e-4)
 
 
 def test_marker_rows_start_from_the_open_bracket(tok):

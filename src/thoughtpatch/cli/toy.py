@@ -31,15 +31,18 @@ def train_cmd(
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from rich.console import Console
 
+    from thoughtpatch.cli.model import check_options
     from thoughtpatch.errors import ThoughtpatchError
+
     if family not in FAMILIES:
         raise ThoughtpatchError(f"--family: unknown family '{family}' (choose from {', '.join(FAMILIES)})")
+    check_options("float32", threads=threads, eval_n=eval_n, steps=steps)
     if minutes is not None and minutes <= 0:
         raise ThoughtpatchError("--minutes must be positive")
-    if steps is not None and steps < 1:
-        raise ThoughtpatchError("--steps must be positive")
     if aux is not None and aux < 0:
         raise ThoughtpatchError("--aux must be >= 0")
+    if out.exists() and not out.is_dir():
+        raise ThoughtpatchError(f"--out {out}: is a file, not a directory")
     if family == "codi":
         from thoughtpatch.model.organism.train import TrainConfig, steps_for_minutes, train
     else:
@@ -47,11 +50,6 @@ def train_cmd(
         from thoughtpatch.model.organism.coconut_train import steps_for_minutes
         from thoughtpatch.model.organism.coconut_train import train_coconut as train
 
-    from thoughtpatch.cli.model import check_options
-
-    check_options("float32", threads=threads, eval_n=eval_n)
-    if out.exists() and not out.is_dir():
-        raise ThoughtpatchError(f"--out {out}: is a file, not a directory")
     cfg = TrainConfig(seed=seed, threads=threads)
     if steps is not None:
         cfg.steps = steps

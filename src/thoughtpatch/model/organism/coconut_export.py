@@ -13,71 +13,26 @@ from pathlib import Path
 import torch
 
 from thoughtpatch.data.schema import atomic_write_text, save_pairs
-from thoughtpatch.errors import ThoughtpatchError
-from thoughtpatch.model.organism.export import CONDITIONS, LABELS, accuracy_markdown
-from thoughtpatch.model.organism.tokenizer import (
-    COCONUT_ANSWER_TEMPLATE, COCONUT_EXTRA, COCONUT_MARKERS, add_coconut_markers, build_tokenizer, save_tokenizer,
-)
+from thoughtpatch.model.checkpoint import SIDECAR, save_coconut_checkpoint
+from thoughtpatch.model.families import COCONUT, COCONUT_MARKERS
+from thoughtpatch.model.organism.export import CONDITIONS, EVAL_MAX_NEW_TOKENS, LABELS, accuracy_markdown
+from thoughtpatch.model.organism.tokenizer import COCONUT_EXTRA, build_tokenizer, save_tokenizer
 
-PREFIX = "base_causallm."
-EMBEDDING = "embedding.weight"  # Coconut's `embedding` child: the LM's input embedding again
-MAX_NEW_TOKENS = 64  # Coconut's GSM8K setting
-SIDECAR = "thoughtpatch.json"
 COCONUT_LABELS = LABELS | {"cot": "explicit CoT (no markers)"}
 
 
-def coconut_state_dict(hf) -> dict[str, torch.Tensor]:
-    """Coconut's checkpoint keys for an HF causal LM (each tensor its own copy, as FSDP saves)."""
-    sd = {PREFIX + k: v for k, v in hf.state_dict().items()}
-    sd[EMBEDDING] = hf.get_input_embeddings().weight
-    return {k: v.detach().contiguous().clone() for k, v in sd.items()}
-
-
-def load_coconut_organism(path: str | Path):
-    """(hf, tokenizer with the markers, sidecar) from an organism directory: the LM built from
-    config.json with V0 + 3 rows, loaded strictly from the `base_causallm.*` keys."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    d = Path(path)
-    f = d / "model.safetensors"
-    if not f.is_file():
-        raise ThoughtpatchError(f"{d}: no model.safetensors")
-    sd = load_file(str(f))
-    stray = [k for k in sd if not k.startswith(PREFIX) and k != EMBEDDING]
-    if stray or EMBEDDING not in sd:
-        raise ThoughtpatchError(f"{f}: not a Coconut checkpoint (keys {sorted(stray)[:3] or 'without ' + EMBEDDING})")
-    config = AutoConfig.from_pretrained(str(d))
-    tok = AutoTokenizer.from_pretrained(str(d))
-    add_coconut_markers(tok)
-    config.vocab_size = len(tok)
-    hf = AutoModelForCausalLM.from_config(config)
-    lm = {k[len(PREFIX) :]: v for k, v in sd.items() if k.startswith(PREFIX)}
-    missing, unexpected = hf.load_state_dict(lm, strict=False)
-    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ThoughtpatchError(f"{f}: missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
-    if not torch.equal(sd[EMBEDDING], hf.get_input_embeddings().weight):
-        raise ThoughtpatchError(f"{f}: {EMBEDDING} differs from {PREFIX}model.embed_tokens.weight")
-    hf.tie_weights()
-    hf.eval()
-    sidecar = json.loads((d / SIDECAR).read_text()) if (d / SIDECAR).is_file() else {}
-    return hf, tok, sidecar
-
-
-def save_coconut_organism(out_dir, hf, tok, v0: int, cfg, heldout, pairs, log, wall_s: float, cpu_s: float,
+def save_coconut_organism(out_dir, hf, cfg, heldout, pairs, log, wall_s: float, cpu_s: float,
                           eval_problems: int | None = None) -> dict:
-    """Write everything, reload the directory and measure the accuracy table on it."""
-    from safetensors.torch import save_file
-
-    from thoughtpatch.model.evaluate import EvalProblem, spread
-    from thoughtpatch.model.organism import coconut
+    """Write everything, then reload the directory through the loader and measure the accuracy
+    table with the runtime (the same numbers `thoughtpatch eval --model DIR` gives)."""
+    from thoughtpatch.model import load_model
+    from thoughtpatch.model.evaluate import evaluate, problems_from_heldout, spread
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    base_tok = build_tokenizer(COCONUT_EXTRA)
-    assert len(base_tok) == v0 and len(tok) == v0 + 3
-    save_tokenizer(base_tok, out)
+    tok = build_tokenizer(COCONUT_EXTRA)  # the base tokenizer: the markers are added at load time
+    v0 = len(tok)
+    save_tokenizer(tok, out)
     config = copy.deepcopy(hf.config)
     config.vocab_size = v0  # the base's vocabulary; the checkpoint holds V0 + 3 rows (the markers)
     config.save_pretrained(str(out))
@@ -85,14 +40,14 @@ def save_coconut_organism(out_dir, hf, tok, v0: int, cfg, heldout, pairs, log, w
     save_pairs(pairs, out / "pairs.json")
     every = max(1, len(log) // 200)
     atomic_write_text(out / "train_log.json", json.dumps([r for i, r in enumerate(log) if i % every == 0 or i == len(log) - 1]) + "\n")
-    save_file(coconut_state_dict(hf), str(out / "model.safetensors"), metadata={"format": "coconut"})
+    save_coconut_checkpoint(out, hf)
 
     sidecar = {
-        "family": "coconut",
+        "family": COCONUT.name,
         "num_thoughts": cfg.num_thoughts,
-        "answer_template": COCONUT_ANSWER_TEMPLATE,
+        "answer_template": COCONUT.answer_template,
         "organism": True,
-        "max_new_tokens": MAX_NEW_TOKENS,
+        "max_new_tokens": COCONUT.max_new_tokens,
         "base_vocab": v0,
         "markers": dict(zip(COCONUT_MARKERS, range(v0, v0 + 3))),
         "parameters": sum(p.numel() for p in hf.parameters()),
@@ -102,10 +57,10 @@ def save_coconut_organism(out_dir, hf, tok, v0: int, cfg, heldout, pairs, log, w
         "train_cpu_s": round(cpu_s, 1),  # process CPU time, all threads: the idle-machine estimate
         "torch": torch.__version__,
     }
-    m, mtok, _ = load_coconut_organism(out)
-    probs = [EvalProblem(p["question"], p["answer"], p["meta"]["n_steps"]) for p in heldout]
-    res = coconut.evaluate(m, mtok, spread(probs, eval_problems), cfg.num_thoughts, CONDITIONS, MAX_NEW_TOKENS)
-    sidecar |= {"eval_n": res["n"], "accuracy": res["accuracy"]}
+    atomic_write_text(out / SIDECAR, json.dumps(sidecar, indent=1) + "\n")  # the loader reads K from it
+    probs = spread(problems_from_heldout(out / "heldout.json"), eval_problems)
+    res = evaluate(load_model(str(out)), probs, CONDITIONS, max_new_tokens=EVAL_MAX_NEW_TOKENS)
+    sidecar |= {"eval_n": res["n"], "eval_max_new_tokens": EVAL_MAX_NEW_TOKENS, "accuracy": res["accuracy"]}
     atomic_write_text(out / SIDECAR, json.dumps(sidecar, indent=1) + "\n")
     render_model_card(out)
     return sidecar
@@ -113,7 +68,7 @@ def save_coconut_organism(out_dir, hf, tok, v0: int, cfg, heldout, pairs, log, w
 
 def uses_thoughts(acc: dict) -> str:
     """One sentence from the table: how far the best ablation falls short of the model."""
-    ablations = {c: acc[c]["all"] for c in ("thoughts_zeroed", "thoughts_mean", "no_thoughts") if c in acc}
+    ablations = {c: acc[c]["all"] for c in ("thoughts_zeroed", "thoughts_mean", "thoughts_resample", "no_thoughts") if c in acc}
     if "with_thoughts" not in acc or not ablations:
         return ""
     best = max(ablations, key=ablations.get)
@@ -270,13 +225,16 @@ give identical weights).
 
 {uses_thoughts(sc['accuracy'])}
 
-Decoding as Coconut's `run.py`: argmax over every id, the first token always kept, a later eos
-stops and is dropped, at most {sc['max_new_tokens']} tokens; the answer is the text after the last `#` of
+Measured by thoughtpatch's runtime on the saved directory (`thoughtpatch eval --model DIR`
+gives the same numbers). Decoding as Coconut's `run.py`: argmax over every id, the first
+token always kept, a later eos stops and is dropped (at most {sc['eval_max_new_tokens']} new tokens; Coconut's own limit,
+{sc['max_new_tokens']}, changes nothing for answers of a few tokens); the answer is the text after the last `#` of
 decode(prompt + generation, skip_special_tokens=True), commas removed, compared as a string.
 "thoughts zeroed" feeds zero vectors at every latent; "thoughts → mean" feeds, at latent k,
-the mean over the held-out set of the k-th thought; "K = 0" goes from `<|start-latent|>`
-straight to `<|end-latent|>`; "explicit CoT" is the question alone (no marker): greedy
-language CoT, then "### N" — a mode trained only in the first phase, as in Coconut.
+the mean over the evaluated problems of the k-th thought; "thoughts → another question's"
+feeds problem i the thoughts of problem i + 1; "K = 0" goes from `<|start-latent|>` straight
+to `<|end-latent|>`; "explicit CoT" is the question alone (no marker): greedy language CoT,
+then "### N" — a mode trained only in the first phase, as in Coconut.
 
 ## Coconut's plain recipe
 

@@ -33,9 +33,10 @@ from typing import Callable
 
 import torch
 
-from thoughtpatch.model.organism.coconut import latent_pass
+from thoughtpatch.model.families import COCONUT, COCONUT_MARKERS
+from thoughtpatch.model.organism.latent import coconut_pass
 from thoughtpatch.model.organism.model import OrganismConfig, build_coconut_organism
-from thoughtpatch.model.organism.tokenizer import COCONUT_ANSWER_TEMPLATE, COCONUT_EXTRA, add_coconut_markers, build_tokenizer
+from thoughtpatch.model.organism.tokenizer import COCONUT_EXTRA, build_tokenizer
 from thoughtpatch.model.organism.train import (
     DEFAULT_MINUTES, Encoder, Example, _ce, _pad, heldout_questions, heldout_set, optimise, setup_determinism,
     training_batches,
@@ -116,7 +117,7 @@ def coconut_losses(hf, batch: list[Example], stage: int, cfg: CoconutTrainConfig
     for i, r in enumerate(rows):
         labels[i, : len(r[3])] = torch.tensor(r[3])
     k = rows[0][1]
-    lp = latent_pass(hf, prefix, k, suffix)
+    lp = coconut_pass(hf, prefix, k, suffix)
     res = {"ce": _ce(lp.logits, labels)}
     res["loss"] = res["ce"]
     if cfg.w_aux and k:
@@ -155,11 +156,11 @@ def train_coconut(cfg: CoconutTrainConfig, out_dir: str | Path | None = None, pr
 def _train(cfg: CoconutTrainConfig, out_dir, progress: bool, on_step, eval_problems, stop_after):
     setup_determinism(cfg.threads)
     tok = build_tokenizer(COCONUT_EXTRA)
-    v0 = len(tok)
-    ids = add_coconut_markers(tok)
+    tok.add_tokens(list(COCONUT_MARKERS))  # as Coconut's run.py: ids V0, V0 + 1, V0 + 2
+    ids = tuple(tok.convert_tokens_to_ids(list(COCONUT_MARKERS)))
     hf = build_coconut_organism(cfg.model, tok, cfg.seed)
     heldout, pairs = heldout_set()
-    enc = Encoder(tok, COCONUT_ANSWER_TEMPLATE, "\n")
+    enc = Encoder(tok, COCONUT.answer_template, "\n")
     batches = training_batches(enc, cfg, heldout_questions(heldout, pairs))
     pad = tok.eos_token_id  # Coconut: pad = eos (padded positions carry no loss)
     cpu0 = time.process_time()
@@ -168,6 +169,5 @@ def _train(cfg: CoconutTrainConfig, out_dir, progress: bool, on_step, eval_probl
     if out_dir is not None:
         from thoughtpatch.model.organism.coconut_export import save_coconut_organism
 
-        save_coconut_organism(out_dir, hf, tok, v0, cfg, heldout, pairs, log, wall, time.process_time() - cpu0,
-                              eval_problems=eval_problems)
+        save_coconut_organism(out_dir, hf, cfg, heldout, pairs, log, wall, time.process_time() - cpu0, eval_problems=eval_problems)
     return hf, tok, log

@@ -16,6 +16,7 @@ from thoughtpatch.model.checkpoint import save_codi_checkpoint
 from thoughtpatch.model.organism.tokenizer import ANSWER_TEMPLATE, save_tokenizer
 
 CONDITIONS = ("with_thoughts", "thoughts_zeroed", "thoughts_mean", "thoughts_resample", "no_thoughts", "cot")
+EVAL_MAX_NEW_TOKENS = 32  # the organisms' answers are a few tokens; `thoughtpatch eval` uses the same limit for them
 LABELS = {"with_thoughts": "with thoughts", "thoughts_zeroed": "thoughts zeroed", "thoughts_mean": "thoughts → mean",
           "thoughts_resample": "thoughts → another question's", "no_thoughts": "no thoughts (K = 0)", "cot": "explicit CoT (teacher)"}
 
@@ -75,7 +76,7 @@ def save_organism(out_dir, hf, prj, tok, cfg, heldout, pairs, log, wall_s: float
     save_codi_checkpoint(out, hf, prj, sidecar)
 
     probs = spread(problems_from_heldout(out / "heldout.json"), eval_problems)
-    res = evaluate(load_model(str(out)), probs, CONDITIONS, max_new_tokens=32, per_thought=True)
+    res = evaluate(load_model(str(out)), probs, CONDITIONS, max_new_tokens=EVAL_MAX_NEW_TOKENS, per_thought=True)
     sidecar |= {"eval_n": res["n"], "accuracy": res["accuracy"], "per_thought": res["per_thought"]}
     atomic_write_text(out / SIDECAR, json.dumps(sidecar, indent=1) + "\n")
     atomic_write_text(out / "MODEL_CARD.md", model_card(cfg, sidecar, len(heldout), len(pairs), log, wall_s))

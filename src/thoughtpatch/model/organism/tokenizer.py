@@ -20,8 +20,6 @@ ANSWER_TEMPLATE = "The answer is: {answer}"
 # Coconut: answers are "### N" (the answer is the text after the last "#"). "#" goes at the
 # end of the vocabulary so every other token keeps its CODI-organism id.
 COCONUT_EXTRA = ("#",)
-COCONUT_ANSWER_TEMPLATE = "### {answer}"
-COCONUT_MARKERS = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")  # ids V0, V0+1, V0+2
 
 
 def _template_words() -> list[str]:
@@ -79,14 +77,3 @@ def save_tokenizer(tokenizer, out_dir: str | Path) -> None:
     smap = out_dir / "special_tokens_map.json"
     if not smap.exists():
         smap.write_text(json.dumps({"bos_token": BOS, "eos_token": EOS, "unk_token": UNK}, indent=2) + "\n")
-
-
-def add_coconut_markers(tokenizer) -> tuple[int, int, int]:
-    """Coconut's run.py: `add_tokens` the three markers (ordinary added tokens, kept by
-    `decode(skip_special_tokens=True)`); returns their ids (start, end, latent) = V0, V0+1, V0+2."""
-    v0 = len(tokenizer)
-    tokenizer.add_tokens(list(COCONUT_MARKERS))
-    ids = tuple(tokenizer.convert_tokens_to_ids(list(COCONUT_MARKERS)))
-    if ids != (v0, v0 + 1, v0 + 2):
-        raise ValueError(f"Coconut markers got ids {ids}, expected {v0}..{v0 + 2}")
-    return ids
