@@ -59,33 +59,26 @@ def latent_loop(hf, prj, prompt_ids: torch.Tensor, k: int, edit: Callable[[int, 
 @dataclass
 class LatentPass:
     logits: torch.Tensor  # [B, 1 + S, V]: position j predicts suffix token j; the last predicts what follows
-    cache: object
-    fed: torch.Tensor  # [B, K, H] the thought vectors fed (after any edit)
+    fed: torch.Tensor  # [B, K, H] the thought vectors fed
 
 
-def coconut_pass(hf, prefix: torch.Tensor, k: int, suffix: torch.Tensor,
-                edit: Callable[[int, torch.Tensor], torch.Tensor] | None = None, use_cache: bool = False) -> LatentPass:
+def coconut_pass(hf, prefix: torch.Tensor, k: int, suffix: torch.Tensor) -> LatentPass:
     """Coconut's multi-pass forward for a batch whose rows share the prefix length: `prefix`
     (ending in <|start-latent|> when k > 0), k latents each fed the previous position's
     final-norm state, then `suffix` token ids. Passes: the prefix; one per latent 1..k-1; a
     last one over latent k and the suffix (Coconut's own split). Gradients flow through
-    every thought. `edit(i, z)` may replace thought i's input ([B, H])."""
+    every thought."""
     body = hf.model
     if k == 0:
-        out = body(input_ids=torch.cat([prefix, suffix], 1), use_cache=use_cache)
-        h = out.last_hidden_state[:, prefix.shape[1] - 1 :]
-        return LatentPass(hf.lm_head(h), cache_of(out) if use_cache else None, h.new_zeros(h.shape[0], 0, h.shape[-1]))
+        h = body(input_ids=torch.cat([prefix, suffix], 1)).last_hidden_state[:, prefix.shape[1] - 1 :]
+        return LatentPass(hf.lm_head(h), h.new_zeros(h.shape[0], 0, h.shape[-1]))
     kw = cache_kw(body)
     out = body(input_ids=prefix, use_cache=True)
     cache, z = cache_of(out), out.last_hidden_state[:, -1]
-    fed = []
-    for i in range(k):
-        if edit is not None:
-            z = edit(i, z)
+    fed = [z]
+    for _ in range(k - 1):
+        out = body(inputs_embeds=z[:, None], use_cache=True, **{kw: cache})
+        cache, z = cache_of(out), out.last_hidden_state[:, -1]
         fed.append(z)
-        if i < k - 1:
-            out = body(inputs_embeds=z[:, None], use_cache=True, **{kw: cache})
-            cache, z = cache_of(out), out.last_hidden_state[:, -1]
-    emb = torch.cat([z[:, None], hf.get_input_embeddings()(suffix)], 1)
-    out = body(inputs_embeds=emb, use_cache=True, **{kw: cache})
-    return LatentPass(hf.lm_head(out.last_hidden_state), cache_of(out), torch.stack(fed, 1))
+    out = body(inputs_embeds=torch.cat([z[:, None], hf.get_input_embeddings()(suffix)], 1), **{kw: cache})
+    return LatentPass(hf.lm_head(out.last_hidden_state), torch.stack(fed, 1))
