@@ -15,7 +15,7 @@ import torch
 from thoughtpatch.data.schema import atomic_write_text, save_pairs
 from thoughtpatch.model.checkpoint import SIDECAR, save_coconut_checkpoint
 from thoughtpatch.model.families import COCONUT, COCONUT_MARKERS
-from thoughtpatch.model.organism.export import CONDITIONS, EVAL_MAX_NEW_TOKENS, LABELS, accuracy_markdown
+from thoughtpatch.model.organism.export import CONDITIONS, EVAL_MAX_NEW_TOKENS, LABELS, accuracy_markdown, per_thought_markdown
 from thoughtpatch.model.organism.tokenizer import COCONUT_EXTRA, build_tokenizer, save_tokenizer
 
 COCONUT_LABELS = LABELS | {"cot": "explicit CoT (no markers)"}
@@ -23,11 +23,7 @@ COCONUT_LABELS = LABELS | {"cot": "explicit CoT (no markers)"}
 
 def save_coconut_organism(out_dir, hf, cfg, heldout, pairs, log, wall_s: float, cpu_s: float,
                           eval_problems: int | None = None) -> dict:
-    """Write everything, then reload the directory through the loader and measure the accuracy
-    table with the runtime (the same numbers `thoughtpatch eval --model DIR` gives)."""
-    from thoughtpatch.model import load_model
-    from thoughtpatch.model.evaluate import evaluate, problems_from_heldout, spread
-
+    """Write everything, then measure the accuracy tables on the saved directory (`measure`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(COCONUT_EXTRA)  # the base tokenizer: the markers are added at load time
@@ -58,9 +54,22 @@ def save_coconut_organism(out_dir, hf, cfg, heldout, pairs, log, wall_s: float, 
         "torch": torch.__version__,
     }
     atomic_write_text(out / SIDECAR, json.dumps(sidecar, indent=1) + "\n")  # the loader reads K from it
+    return measure(out, eval_problems)
+
+
+def measure(out_dir: str | Path, eval_problems: int | None = None) -> dict:
+    """Reload an organism directory through the loader, measure its accuracy tables with the
+    runtime (the numbers `thoughtpatch eval --model DIR` gives), store them in its sidecar and
+    rewrite its model card."""
+    from thoughtpatch.model import load_model
+    from thoughtpatch.model.evaluate import evaluate, problems_from_heldout, spread
+
+    out = Path(out_dir)
+    sidecar = json.loads((out / SIDECAR).read_text())
     probs = spread(problems_from_heldout(out / "heldout.json"), eval_problems)
-    res = evaluate(load_model(str(out)), probs, CONDITIONS, max_new_tokens=EVAL_MAX_NEW_TOKENS)
-    sidecar |= {"eval_n": res["n"], "eval_max_new_tokens": EVAL_MAX_NEW_TOKENS, "accuracy": res["accuracy"]}
+    res = evaluate(load_model(str(out)), probs, CONDITIONS, max_new_tokens=EVAL_MAX_NEW_TOKENS, per_thought=True)
+    sidecar |= {"eval_n": res["n"], "eval_max_new_tokens": EVAL_MAX_NEW_TOKENS, "accuracy": res["accuracy"],
+                "per_thought": res["per_thought"]}
     atomic_write_text(out / SIDECAR, json.dumps(sidecar, indent=1) + "\n")
     render_model_card(out)
     return sidecar
@@ -235,6 +244,13 @@ the mean over the evaluated problems of the k-th thought; "thoughts → another 
 feeds problem i the thoughts of problem i + 1; "K = 0" goes from `<|start-latent|>` straight
 to `<|end-latent|>`; "explicit CoT" is the question alone (no marker): greedy language CoT,
 then "### N" — a mode trained only in the first phase, as in Coconut.
+
+Which thought is necessary — one thought ablated at a time (all problems, %; k = 0 is the
+state at `<|start-latent|>`, fed at the first latent):
+
+{per_thought_markdown(sc['per_thought']) if sc.get('per_thought') else '(not measured)'}
+
+`thoughtpatch eval --model toy-coconut` prints both tables.
 
 ## Coconut's plain recipe
 
