@@ -266,10 +266,10 @@ def sha256_file(path: Path) -> str:
 
 
 def default_pairs_path(cfg: RunConfig) -> Path:
-    from thoughtpatch.model.loader import TOY_DIR
+    from thoughtpatch.model.loader import ORGANISMS
 
-    if cfg.model == "toy":
-        return TOY_DIR / "pairs.json"
+    if cfg.model in ORGANISMS:
+        return ORGANISMS[cfg.model] / "pairs.json"
     raise ThoughtpatchError("--pairs is required for a model other than the organism")
 
 

@@ -135,3 +135,18 @@ def save_codi_checkpoint(out_dir: str | Path, hf_model: torch.nn.Module, prj: to
     if sidecar is not None:
         (out / SIDECAR).write_text(json.dumps(sidecar, indent=1) + "\n")
     return out / "model.safetensors"
+
+
+def save_coconut_checkpoint(out_dir: str | Path, hf_model: torch.nn.Module) -> Path:
+    """Write a model in Coconut's key format as `model.safetensors`: `base_causallm.<HF name>`
+    for every LM parameter and `embedding.weight` (the input embedding again), each its own
+    copy as in the files Coconut's run.py saves."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {COCONUT_PREFIX + k: v for k, v in hf_model.state_dict().items()}
+    sd["embedding.weight"] = hf_model.get_input_embeddings().weight
+    sd = {k: v.detach().contiguous().clone() for k, v in sd.items()}
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "coconut"})
+    return out / "model.safetensors"

@@ -16,11 +16,12 @@ from thoughtpatch.model.checkpoint import save_codi_checkpoint
 from thoughtpatch.model.organism.tokenizer import ANSWER_TEMPLATE, save_tokenizer
 
 CONDITIONS = ("with_thoughts", "thoughts_zeroed", "thoughts_mean", "thoughts_resample", "no_thoughts", "cot")
+EVAL_MAX_NEW_TOKENS = 32  # the organisms' answers are a few tokens; `thoughtpatch eval` uses the same limit for them
 LABELS = {"with_thoughts": "with thoughts", "thoughts_zeroed": "thoughts zeroed", "thoughts_mean": "thoughts → mean",
           "thoughts_resample": "thoughts → another question's", "no_thoughts": "no thoughts (K = 0)", "cot": "explicit CoT (teacher)"}
 
 
-def accuracy_markdown(acc: dict) -> str:
+def accuracy_markdown(acc: dict, labels: dict[str, str] = LABELS) -> str:
     steps = sorted({s for v in acc.values() for s in v["steps"]})
     head = "| condition | all | " + " | ".join(f"{s}-step" for s in steps) + " |"
     rows = [head, "|" + "---|" * (2 + len(steps))]
@@ -28,7 +29,7 @@ def accuracy_markdown(acc: dict) -> str:
         if cond in acc:
             a = acc[cond]
             cells = [f"{100 * a['all']:.1f}"] + [f"{100 * a['steps'][s]:.1f}" if s in a["steps"] else "–" for s in steps]
-            rows.append(f"| {LABELS[cond]} | " + " | ".join(cells) + " |")
+            rows.append(f"| {labels[cond]} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -75,7 +76,7 @@ def save_organism(out_dir, hf, prj, tok, cfg, heldout, pairs, log, wall_s: float
     save_codi_checkpoint(out, hf, prj, sidecar)
 
     probs = spread(problems_from_heldout(out / "heldout.json"), eval_problems)
-    res = evaluate(load_model(str(out)), probs, CONDITIONS, max_new_tokens=32, per_thought=True)
+    res = evaluate(load_model(str(out)), probs, CONDITIONS, max_new_tokens=EVAL_MAX_NEW_TOKENS, per_thought=True)
     sidecar |= {"eval_n": res["n"], "accuracy": res["accuracy"], "per_thought": res["per_thought"]}
     atomic_write_text(out / SIDECAR, json.dumps(sidecar, indent=1) + "\n")
     atomic_write_text(out / "MODEL_CARD.md", model_card(cfg, sidecar, len(heldout), len(pairs), log, wall_s))

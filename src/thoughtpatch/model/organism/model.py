@@ -1,7 +1,9 @@
-"""The organism's architecture: a tiny LLaMA (HF `LlamaForCausalLM`) plus CODI's `prj`.
+"""The organisms' architecture: a tiny LLaMA (HF `LlamaForCausalLM`), plus CODI's `prj` for
+the CODI organism.
 
-Vocabulary layout follows CODI: the tokenizer has V0 ids; the embedding (tied with the LM
-head) has V0 + 3 rows, pad = V0, bot = V0 + 1, eot = V0 + 2.
+Vocabulary layout follows each method: the tokenizer has V0 ids; the embedding (tied with
+the LM head) has V0 + 3 rows. CODI: pad = V0, bot = V0 + 1, eot = V0 + 2 (ids only).
+Coconut: <|start-latent|>, <|end-latent|>, <|latent|> = V0, V0 + 1, V0 + 2 (added tokens).
 """
 
 from __future__ import annotations
@@ -76,17 +78,34 @@ def fourier_number_rows(numbers: list[int], dim: int, std: float, seed: int) -> 
     return rows.float()
 
 
-def build_organism(cfg: OrganismConfig, tokenizer, seed: int):
-    """Fresh (base model with V0 + 3 embedding rows, prj). Deterministic for a seed."""
+def build_lm(cfg: OrganismConfig, tokenizer, seed: int, rows: int):
+    """A fresh tied LlamaForCausalLM with `rows` embedding rows, number rows Fourier-initialised.
+    Seeds torch's global generator with `seed` first (later draws, e.g. CODI's prj, follow it)."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    v0 = len(tokenizer)
-    hf = LlamaForCausalLM(llama_config(cfg, v0 + 3, tokenizer.bos_token_id, tokenizer.eos_token_id))
-    prj = Prj(cfg.hidden, cfg.prj_dim, cfg.prj_ln_init)
+    hf = LlamaForCausalLM(llama_config(cfg, rows, tokenizer.bos_token_id, tokenizer.eos_token_id))
     if cfg.fourier_numbers:
         ids = [tokenizer.convert_tokens_to_ids(str(i)) for i in range(1000)]
         with torch.no_grad():
             hf.get_input_embeddings().weight[ids] = fourier_number_rows(list(range(1000)), cfg.hidden, cfg.init_std, seed)
     hf.tie_weights()
+    return hf
+
+
+def build_organism(cfg: OrganismConfig, tokenizer, seed: int):
+    """Fresh CODI organism (base model with V0 + 3 embedding rows, prj). Deterministic for a seed."""
+    hf = build_lm(cfg, tokenizer, seed, len(tokenizer) + 3)
+    prj = Prj(cfg.hidden, cfg.prj_dim, cfg.prj_ln_init)  # the number rows above use their own generator
     return hf, prj
+
+
+def build_coconut_organism(cfg: OrganismConfig, tokenizer, seed: int):
+    """Fresh Coconut organism: `tokenizer` already holds the three markers (V0 + 3 ids); their
+    rows start as copies of the "<<" row (tied, so the LM head's too), as in Coconut's run.py."""
+    hf = build_lm(cfg, tokenizer, seed, len(tokenizer))
+    src = tokenizer.convert_tokens_to_ids("<<")
+    with torch.no_grad():
+        w = hf.get_input_embeddings().weight
+        w[-3:] = w[src]
+    return hf

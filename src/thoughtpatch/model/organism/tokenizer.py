@@ -1,7 +1,9 @@
-"""The organism's tokenizer: word level, every number 0..999 one token (as LLaMA-3 keeps
+"""The organisms' tokenizer: word level, every number 0..999 one token (as LLaMA-3 keeps
 digit chunks of up to 3), built with the `tokenizers` library so it saves and loads as an
-ordinary HF tokenizer directory. It prepends BOS like LLaMA-3; pad/bot/eot are not in it
-(CODI puts them at ids V0, V0+1, V0+2 of the embedding only).
+ordinary HF tokenizer directory. It prepends BOS like LLaMA-3. The CODI organism's markers
+are not in it (CODI puts pad/bot/eot at ids V0, V0+1, V0+2 of the embedding only); the
+Coconut organism appends "#" (its answers read "### N") and adds its three markers at load
+time with `add_tokens`, as Coconut's run.py does.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 # Digits in chunks of <= 3, words, CODI's << >> brackets, any other single character.
 SPLIT = r"\d{1,3}|[A-Za-z]+|<<|>>|[^\sA-Za-z\d]"
 ANSWER_TEMPLATE = "The answer is: {answer}"
+# Coconut: answers are "### N" (the answer is the text after the last "#"). "#" goes at the
+# end of the vocabulary so every other token keeps its CODI-organism id.
+COCONUT_EXTRA = ("#",)
 
 
 def _template_words() -> list[str]:
@@ -29,22 +34,23 @@ def _template_words() -> list[str]:
     return words
 
 
-def vocabulary() -> list[str]:
-    """Specials, numbers 0..999, then every word and symbol the templates and CoT use."""
+def vocabulary(extra: tuple[str, ...] = ()) -> list[str]:
+    """Specials, numbers 0..999, every word and symbol the templates and CoT use, then `extra`."""
     syms = ["<<", ">>", "=", "+", "-", "*", "/", ".", ",", "?", ":", "!", "'", "(", ")", "$", "%"]
     vocab = [UNK, BOS, EOS] + [str(i) for i in range(1000)]
     for w in syms + _template_words():
         if w not in vocab:
             vocab.append(w)
-    return vocab
+    return vocab + [w for w in extra if w not in vocab]
 
 
-def build_tokenizer():
-    """A transformers fast tokenizer (BOS prepended by the default call)."""
+def build_tokenizer(extra: tuple[str, ...] = ()):
+    """A transformers fast tokenizer (BOS prepended by the default call); `extra` tokens are
+    appended to the vocabulary (COCONUT_EXTRA for the Coconut organism)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = vocabulary()
+    vocab = vocabulary(extra)
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(SPLIT), behavior="isolated")]

@@ -71,14 +71,19 @@ def steps_for_minutes(minutes: float, base: int = TrainConfig.steps) -> int:
 class Example:
     q: list[int]  # BOS + question
     cot: list[list[int]]  # token ids of each CoT step
-    ans: list[int]  # "The answer is: N" + eos
+    ans: list[int]  # the answer template ("The answer is: N" / "### N") + eos
     results: list[int]  # token id of each intermediate result y_j
     n_steps: int
 
 
 class Encoder:
-    def __init__(self, tok):
+    """Token ids of a problem; `answer_template` and `question_suffix` are the family's
+    (CODI: "The answer is: N", nothing; Coconut: "### N", a newline)."""
+
+    def __init__(self, tok, answer_template: str = ANSWER_TEMPLATE, question_suffix: str = ""):
         self.tok = tok
+        self.answer_template = answer_template
+        self.question_suffix = question_suffix
         self.eos = tok.eos_token_id
         self.num = {i: tok.convert_tokens_to_ids(str(i)) for i in range(1000)}
 
@@ -87,8 +92,8 @@ class Encoder:
 
     def example(self, question: str, cot: str, answer: int, results: list[int]) -> Example:
         steps = [self.ids(s) for s in cot.split(" ")]
-        ans = self.ids(ANSWER_TEMPLATE.format(answer=answer)) + [self.eos]
-        return Example(self.ids(question, bos=True), steps, ans, [self.num[y] for y in results], len(steps))
+        ans = self.ids(self.answer_template.format(answer=answer)) + [self.eos]
+        return Example(self.ids(question + self.question_suffix, bos=True), steps, ans, [self.num[y] for y in results], len(steps))
 
 
 def heldout_set() -> tuple[list[dict], list]:
@@ -99,7 +104,7 @@ def heldout_set() -> tuple[list[dict], list]:
     return problems, pairs
 
 
-def training_batches(enc: Encoder, cfg: TrainConfig, exclude: set[str]) -> Iterator[list[Example]]:
+def training_batches(enc: Encoder, cfg, exclude: set[str]) -> Iterator[list[Example]]:
     """Endless batches, each from one question-length bucket (no padding in the student's
     prefix, like CODI inference at batch 1). Deterministic for cfg.seed."""
     rng = random.Random(cfg.seed)
@@ -245,30 +250,60 @@ def _train(cfg: TrainConfig, out_dir, progress: bool, on_step, eval_problems, st
     v0 = len(tok)
     pad, bot, eot = v0, v0 + 1, v0 + 2
     heldout, pairs = heldout_set()
-    exclude = {p["question"] for p in heldout} | {q for p in pairs for q in (p.clean.question, p.corrupted.question)}
     enc = Encoder(tok)
-    params = list(hf.parameters()) + list(prj.parameters())
+    batches = training_batches(enc, cfg, heldout_questions(heldout, pairs))
+    log, wall = optimise(cfg, [hf, prj], lambda mode: losses(hf, prj, next(batches), mode, cfg, pad, bot, eot),
+                         mode_at, lambda mode: "T" if mode == 0 else ("K" if mode < 0 else str(mode)), progress, on_step, stop_after)
+    if out_dir is not None:
+        from thoughtpatch.model.organism.export import save_organism
+
+        save_organism(out_dir, hf, prj, tok, cfg, heldout, pairs, log, wall, eval_problems=eval_problems)
+    return hf, prj, tok, log
+
+
+def heldout_questions(heldout: list[dict], pairs: list) -> set[str]:
+    """Questions training must never see: the held-out problems and both sides of every pair."""
+    return {p["question"] for p in heldout} | {q for p in pairs for q in (p.clean.question, p.corrupted.question)}
+
+
+def adamw(params: list[torch.nn.Parameter], cfg) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only."""
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=cfg.betas)
-    log: list[dict] = []
-    t0 = time.time()
-    batches = training_batches(enc, cfg, exclude)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=cfg.betas)
 
+
+def optimise(cfg, modules: list[torch.nn.Module], loss_fn: Callable[[int], dict[str, torch.Tensor]],
+             mode_fn: Callable[[int, object], int], label: Callable[[int], str], progress: bool,
+             on_step: Callable[[int, dict], None] | None, stop_after: int | None,
+             reset_optimizer: bool = False) -> tuple[list[dict], float]:
+    """The organisms' shared loop: each step sets the lr (warm-up, cosine), takes
+    `loss_fn(mode)` for the step's schedule mode, clips and steps AdamW. With
+    `reset_optimizer`, a fresh AdamW (no moments) starts whenever the mode changes, as
+    Coconut's `reset_optimizer` does at each stage. Returns (log, wall seconds); leaves the
+    modules in eval mode."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    params = [p for m in modules for p in m.parameters()]
+    opt = adamw(params, cfg)
+    log: list[dict] = []
+    t0 = time.time()
+    prev = None
     bar = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=not progress)
     with bar:
         task = bar.add_task("train", total=cfg.steps, info="")
         for step in range(cfg.steps if stop_after is None else min(stop_after, cfg.steps)):
-            hf.train()
-            prj.train()
-            mode = mode_at(step, cfg)
+            for m in modules:
+                m.train()
+            mode = mode_fn(step, cfg)
+            if reset_optimizer and prev is not None and mode != prev:
+                opt = adamw(params, cfg)
+            prev = mode
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
-            res = losses(hf, prj, next(batches), mode, cfg, pad, bot, eot)
+            res = loss_fn(mode)
             opt.zero_grad(set_to_none=True)
             res["loss"].backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
@@ -278,14 +313,9 @@ def _train(cfg: TrainConfig, out_dir, progress: bool, on_step, eval_problems, st
             if on_step is not None:
                 on_step(step, row)
             info = " ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("step", "mode", "time"))
-            stage = "T" if mode == 0 else ("K" if mode < 0 else mode)
-            bar.update(task, advance=1, info=f"stage {stage} {info}")
+            bar.update(task, advance=1, info=f"stage {label(mode)} {info}")
             if progress and not bar.console.is_terminal and (step % 100 == 0 or step == cfg.steps - 1):
-                bar.console.print(f"step {step} {row['time']:.0f}s stage {stage} {info}")  # a log file gets lines
-    hf.eval()
-    prj.eval()
-    if out_dir is not None:
-        from thoughtpatch.model.organism.export import save_organism
-
-        save_organism(out_dir, hf, prj, tok, cfg, heldout, pairs, log, time.time() - t0, eval_problems=eval_problems)
-    return hf, prj, tok, log
+                bar.console.print(f"step {step} {row['time']:.0f}s stage {label(mode)} {info}")  # a log file gets lines
+    for m in modules:
+        m.eval()
+    return log, time.time() - t0
