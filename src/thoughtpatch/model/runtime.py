@@ -800,10 +800,11 @@ class ThoughtModel:
         # the id each position is scored on: clean[j] in block 1, corrupted[d+1+i] in block 2
         want = torch.tensor([[*c, *[0] * (big_a - len(c)), *x[d_ + 1 : d_ + 1 + len(t)], *[0] * (big_t - len(t))] for c, x, d_, t in zip(clean, corrupted, decision, tails)], device=dev)
         first_x = torch.tensor([x[d_] for x, d_ in zip(corrupted, decision)], device=dev)
-        before = state.valid if state.valid is not None else torch.ones(b, state.cache.get_seq_length(), dtype=torch.bool, device=dev)
+        valid = state.valid
+        before = valid if valid is not None else torch.ones(b, state.cache.get_seq_length(), dtype=torch.bool, device=dev)
         try:
             last, _ = self._feed(state, self.embed(feed), state.blocked, attend=attend, positions=positions)
-            greedy, lp, lp_first_x, dec = self._score_tree(last, want, first_x, d)
+            greedy, lp, lp_first_x, dec = self._score_tree(last, want, first_x, d, real, torch.tensor([c[0] for c in clean], device=dev))
             ids, todo, e, src, known = self._verify(greedy, clean, corrupted, single, na, nx, d, limit, stop, q)
             if len(todo):
                 # the rest of the path: each row reads its prompt, thoughts, <readout> and the
@@ -813,6 +814,7 @@ class ThoughtModel:
                 self._decode_rest(state, todo, torch.cat([before, keep[:, :q]], 1), ids, e, limit, stop, check_every)
         finally:
             self.rewind(state)
+            state.valid = valid
         lp_a = torch.where(in_a & (j[None] >= d[:, None]), lp, 0).sum(-1)
         lp_x = torch.where(torch.tensor(single, device=dev), lp_a, lp_first_x + torch.where(in_t, lp, 0).sum(-1))
 
@@ -854,24 +856,44 @@ class ThoughtModel:
 
     HEAD_CHUNK = 1 << 24  # logits elements computed at once in a read-out (bounds its memory)
 
-    def _score_tree(self, last: torch.Tensor, want: torch.Tensor, first_x: torch.Tensor, d: torch.Tensor):
-        """LM head over the read-out tree in row chunks: greedy ids at every position [B,q];
-        log-probs (float64, of fp32 logits) of `want` [B,q]; of `first_x` at position d [B];
-        fp32 logits at position d [B,V]."""
+    def _score_tree(self, last: torch.Tensor, want: torch.Tensor, first_x: torch.Tensor, d: torch.Tensor, real: torch.Tensor, clean0: torch.Tensor):
+        """The LM head over the read-out tree, only where it is read: greedy ids [B,q] (-1
+        where not needed), log-probs (float64, of fp32 logits) of `want` [B,q] from the
+        decision position on, of `first_x` at it [B], and its fp32 logits [B,V]. Positions
+        between <readout> and the decision (the answer template) are needed only to verify
+        rows whose greedy path starts on the clean continuation."""
         b, q = want.shape
-        rows = max(1, self.HEAD_CHUNK // max(1, q * self.vocab_size))
-        greedy, lp, lp_first, dec = [], [], [], []
-        for s in range(0, b, rows):
-            sl = slice(s, s + rows)
-            logits = self.head(last[sl])
-            greedy.append(logits[..., : self.argmax_ids].argmax(-1))  # ties → lowest id, as `generate`
+        dev = last.device
+        j = torch.arange(q, device=dev)
+        greedy = torch.full((b, q), -1, dtype=torch.long, device=dev)
+        lp = torch.zeros(b, q, dtype=torch.float64, device=dev)
+        lp_first = torch.zeros(b, dtype=torch.float64, device=dev)
+        dec = torch.zeros(b, self.vocab_size, dtype=torch.float32, device=dev)
+        scored = real & (j[None] >= d[:, None])
+        rows, cols = (scored | (j[None] == 0)).nonzero(as_tuple=True)
+        self._heads(last, rows, cols, scored[rows, cols], want, first_x, d, greedy, lp, lp_first, dec)
+        template = (greedy[:, :1] == clean0[:, None]) & (j[None] >= 1) & (j[None] < d[:, None])
+        rows, cols = template.nonzero(as_tuple=True)
+        if len(rows):
+            self._heads(last, rows, cols, torch.zeros_like(rows, dtype=torch.bool), want, first_x, d, greedy, lp, lp_first, dec)
+        return greedy, lp, lp_first, dec
+
+    def _heads(self, last, rows, cols, scored, want, first_x, d, greedy, lp, lp_first, dec) -> None:
+        """LM head at positions (rows, cols) of `last`, in chunks; fills the outputs of `_score_tree`."""
+        step = max(1, self.HEAD_CHUNK // self.vocab_size)
+        for s in range(0, len(rows), step):
+            r, c, sc = rows[s : s + step], cols[s : s + step], scored[s : s + step]
+            logits = self.head(last[r, c])
+            greedy[r, c] = logits[:, : self.argmax_ids].argmax(-1)  # ties → lowest id, as `generate`
+            if not bool(sc.any()):
+                continue
+            r, c, logits = r[sc], c[sc], logits[sc]
             f = logits.float().double()
             lse = f.logsumexp(-1)
-            lp.append(f.gather(-1, want[sl, :, None])[..., 0] - lse)
-            at_d = torch.arange(f.shape[0], device=f.device), d[sl]
-            lp_first.append(f[at_d][torch.arange(f.shape[0], device=f.device), first_x[sl]] - lse[at_d])
-            dec.append(logits[at_d].float())
-        return torch.cat(greedy), torch.cat(lp), torch.cat(lp_first), torch.cat(dec)
+            lp[r, c] = f.gather(-1, want[r, c][:, None])[:, 0] - lse
+            at = c == d[r]
+            dec[r[at]] = logits[at].float()
+            lp_first[r[at]] = f[at].gather(-1, first_x[r[at]][:, None])[:, 0] - lse[at]
 
     def _decode_rest(
         self, state: LatentState, todo: torch.Tensor, valid: torch.Tensor, ids: torch.Tensor, e: torch.Tensor,
@@ -879,14 +901,18 @@ class ThoughtModel:
     ) -> None:
         """Greedy decoding of rows `todo` on from their first unverified id (ids[r, e[r]]),
         reading the cache positions `valid` [B, S]; fills `ids` [B, n] in place."""
-        blocked, state.blocked = state.blocked, []
-        try:
-            sub = state.take(todo.tolist(), acts=False)
-        finally:
-            state.blocked = blocked
-        sub.valid = valid[todo]
+        if len(todo) == state.batch_size:  # every row: decode on the state itself (the caller rewinds it)
+            sub = state
+            sub.valid = valid
+        else:
+            blocked, state.blocked = state.blocked, []
+            try:
+                sub = state.take(todo.tolist(), acts=False)
+            finally:
+                state.blocked = blocked
+            sub.valid = valid[todo]
+            sub.blocked = _blocks_for(blocked, todo)
         rows = todo  # batch row of `sub` → row of `ids`
-        sub.blocked = _blocks_for(blocked, rows)
         stop = stop[rows][:, None, :]
         idx = e[rows] + 1  # the answer index the next argmax is
         tok = ids[rows, e[rows]]
