@@ -132,6 +132,16 @@ class Readout:
         return self.acts.get(INPUT, torch.zeros(0))  # [K,H]
 
 
+def _readouts(st: LatentState, decision: torch.Tensor, lps: list[list[float]], gens: list[Generation]) -> list[Readout]:
+    """The batch split into per-row readouts (lps: per row, clean and corrupted)."""
+    kinds = [k for k in st.acts if k not in ("hidden", "logits")] if st.step else []
+    acts = {k: st.stacked(k) for k in kinds}
+    return [
+        Readout(decision_logits=decision[b], logprob_clean=lps[b][0], logprob_corrupted=lps[b][1], answer=gens[b], acts={k: a[b].float() for k, a in acts.items()})
+        for b in range(st.batch_size)
+    ]
+
+
 def read_out(model: ThoughtModel, st: LatentState, target: Target | list[Target]) -> list[Readout]:
     """Score both continuations, decode greedily, and split the batch into per-row readouts;
     `target` is one for every row or one per row (rows of different pairs).
@@ -145,19 +155,37 @@ def read_out(model: ThoughtModel, st: LatentState, target: Target | list[Target]
         st, [list(t.clean) for t in targets], [list(t.corrupted) for t in targets], [t.decision for t in targets],
         [t.max_new_tokens for t in targets], [t.stop_ids for t in targets],
     )
-    kinds = [k for k in st.acts if k not in ("hidden", "logits")] if st.step else []
-    acts = {k: st.stacked(k) for k in kinds}
-    lps = sc.logprob.tolist()
-    return [
-        Readout(
-            decision_logits=sc.decision_logits[b],
-            logprob_clean=lps[b][0],
-            logprob_corrupted=lps[b][1],
-            answer=sc.generations[b],
-            acts={k: a[b].float() for k, a in acts.items()},
-        )
-        for b in range(st.batch_size)
-    ]
+    return _readouts(st, sc.decision_logits, sc.logprob.tolist(), sc.generations)
+
+
+def plain_read_out(model: ThoughtModel, st: LatentState, target: Target) -> list[Readout]:
+    """`read_out` the plain way, for the reference engine and the unpatched runs its null
+    checks compare with bit for bit: <readout> and the shared part of the continuations fed
+    once, each continuation's tail after the decision on top of it, then the family's greedy
+    decode one token at a time from <readout> fed alone again, as the families' code does.
+    An implementation independent of `ThoughtModel.read`, so the engines' equality is also
+    a check of the verified read-out."""
+    d = target.decision
+    try:
+        decision = model.teacher_force(st, [model.readout_id, *target.clean[:d]], keep=1)[:, 0]
+        # float64 so the sum adds no rounding of its own to a difference of similar numbers
+        first = decision.double().log_softmax(-1)
+        lps = []
+        for cont in (target.clean,) if target.single else (target.clean, target.corrupted):
+            lp = first[:, cont[d]]
+            tail = list(cont[d:-1])  # fed to predict cont[d+1:]
+            if tail:
+                logits = model.teacher_force(st, tail, keep=len(tail)).double()
+                idx = torch.tensor(cont[d + 1 :], device=logits.device)[None, :, None].expand(logits.shape[0], -1, 1)
+                lp = lp + (logits.gather(-1, idx).squeeze(-1) - logits.logsumexp(-1)).sum(-1)
+                model.rewind(st, extra=1 + d)
+            lps.append(lp)
+        if target.single:
+            lps.append(lps[0])
+    finally:
+        model.rewind(st)
+    gens, _ = model.generate(st, max_new_tokens=target.max_new_tokens, stop_ids=target.stop_ids)
+    return _readouts(st, decision, torch.stack(lps, 1).tolist(), gens)
 
 
 def interventions_at(variants: list[Variant], thought: int, row_of: dict[int, int] | None = None) -> list[Intervention]:
@@ -227,7 +255,8 @@ Done = Callable[[int, list[Readout]], None]
 
 
 class ReferenceEngine:
-    """One variant at a time, each from its own prompt pass: slow, obviously right."""
+    """One variant at a time, each from its own prompt pass, read out the plain way: slow,
+    obviously right."""
 
     def __init__(self, model: ThoughtModel):
         self.model = model
@@ -256,7 +285,7 @@ class ReferenceEngine:
             for k in range(m.num_thoughts):
                 st = m.think(st, ivs, until=k + 1, record_logits=False, record=rec, blocked=blocks_at([v], k, m.num_thoughts, st.prompt_len))
             st.blocked = blocks_at([v], m.num_thoughts, m.num_thoughts, st.prompt_len)
-            out.extend(read_out(m, st, target))
+            out.extend(plain_read_out(m, st, target))
         return out
 
 

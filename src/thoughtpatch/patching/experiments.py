@@ -24,7 +24,7 @@ import torch
 from thoughtpatch.data.schema import Pair
 from thoughtpatch.model.runtime import INPUT, RECORDABLE, Site, ThoughtModel
 from thoughtpatch.patching import metrics as M
-from thoughtpatch.patching.engine import DEFAULT_MAX_TOKENS, BatchedEngine, Job, Knockout, Patch, Prompt, Readers, Readout, ReferenceEngine, Target, Variant, read_out, shifted
+from thoughtpatch.patching.engine import DEFAULT_MAX_TOKENS, BatchedEngine, Job, Knockout, Patch, Prompt, Readers, Readout, ReferenceEngine, Target, Variant, plain_read_out, shifted
 from thoughtpatch.patching.modes import Mode, ModeContext
 
 Direction = Literal["denoising", "noising"]
@@ -60,9 +60,10 @@ class PairRuns:
 
 
 def unpatched_run(model: ThoughtModel, prompt, target: Target) -> Readout:
-    """The plain loop, every site recorded (what the activation cache stores)."""
+    """The plain loop, every site recorded (what the activation cache stores), read out as
+    the reference engine reads out (its null checks compare with it bit for bit)."""
     st = model.think(Prompt.of(prompt).encode(model), record_logits=False, record=RECORDABLE)
-    return read_out(model, st, target)[0]
+    return plain_read_out(model, st, target)[0]
 
 
 def unpatched_runs(
