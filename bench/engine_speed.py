@@ -4,10 +4,13 @@ CODI model: all three experiments (layer, Exp 1, Exp 2) for N pairs.
     python bench/engine_speed.py --quick --json     # mid-size shape, a few minutes on 2 CPU cores
     python bench/engine_speed.py --json             # LLaMA-3.2-1B shape, 1 pair
 
-Both engines run all three experiments of a pair through one call (as `thoughtpatch run`).
-Prints one JSON line: ratio (reference seconds / mean batched seconds), max_abs_diff (largest
-difference of any metric between the engines, and per metric), max_rel_diff (differences
-relative to max(1, |value|)), shape, both timings, and min_gap.
+Both engines run all three experiments of every pair through `patch_pairs`, as a run does:
+the batched engine batches the pairs' variants together (one batch for the default pairs),
+the reference engine runs each variant alone. Prints one JSON line: ratio (reference seconds
+/ mean batched seconds), max_abs_diff (largest difference of any metric between the engines,
+and per metric), max_rel_diff (differences relative to max(1, |value|)), shape, both
+timings, min_gap, and the 1-minute load average before and after (the machine may be shared:
+a ratio is only as good as the quiet it was measured in).
 
 Pairs. A random-weight model barely notices one changed number: its clean and corrupted
 runs would differ by a few thousandths of a nat, and `recovered` — a ratio over that gap —
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 
 import torch
@@ -30,7 +34,7 @@ from thoughtpatch.data.schema import Pair, Problem
 from thoughtpatch.model.synthetic import SHAPES, question, random_codi
 from thoughtpatch.patching.engine import BatchedEngine, ReferenceEngine
 from thoughtpatch.patching import metrics as M
-from thoughtpatch.patching.experiments import PairRuns, Spec, all_layers, pair_runs, patch_pair
+from thoughtpatch.patching.experiments import PairRuns, Spec, all_layers, pair_runs, patch_pairs
 
 
 def bench_pair(model, i: int, n_words: int, max_new_tokens: int) -> PairRuns:
@@ -46,11 +50,11 @@ def bench_pair(model, i: int, n_words: int, max_new_tokens: int) -> PairRuns:
 
 
 def all_experiments(engine, model, runs):
-    """All three experiments of every pair, one engine call per pair (as `thoughtpatch run`)."""
+    """All three experiments of every pair (as `thoughtpatch run`)."""
     layers, thoughts = all_layers(model), list(range(model.num_thoughts))
     rows = []
-    for r in runs:
-        for exp_rows in patch_pair(engine, r, ["layer", "position", "iterative"], Spec("resid", tuple(layers), tuple(thoughts))).values():
+    for by_exp in patch_pairs(engine, runs, ["layer", "position", "iterative"], Spec("resid", tuple(layers), tuple(thoughts))):
+        for exp_rows in by_exp.values():
             rows += exp_rows
     return rows
 
@@ -84,6 +88,7 @@ def main() -> None:
 
     shape = SHAPES[args.shape or ("mid" if args.quick else "llama-3.2-1b")]
     n_pairs = args.pairs or (2 if args.quick else 1)
+    load_before = os.getloadavg()[0]
     model = random_codi(shape, dtype=getattr(torch, args.dtype), device=args.device)
     runs = [bench_pair(model, i, args.words, args.max_new_tokens) for i in range(n_pairs)]
 
@@ -124,6 +129,7 @@ def main() -> None:
         "device": args.device,
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
+        "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     print(json.dumps(out))
 

@@ -12,14 +12,28 @@ from tests.conftest import REPO
 
 def test_gpu_run_tiny_on_cpu():
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_run.py"), "--tiny", "--pairs", "2"], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_run.py"), "--tiny", "--pairs", "3", "--separate"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert {"seconds", "total_s", "peak_gpu_mem_gib", "tflops", "tflops_by_phase", "tokens_processed", "shape", "dtype", "device"} <= out.keys()
-    assert set(out["seconds"]) == {"unpatched", "layer", "exp1_position", "exp2_iterative", "all_one_pass"}
+    assert {"seconds", "total_s", "peak_gpu_mem_gib", "tflops", "tflops_by_phase", "mfu", "peak_bf16_tflops", "tokens_processed", "shape", "dtype", "device"} <= out.keys()
+    assert set(out["seconds"]) == {"unpatched", "experiments", "layer", "exp1_position", "exp2_iterative"}
     assert out["total_s"] > 0 and out["tflops"] > 0 and out["tokens_processed"] > 0
-    assert out["rows"] == {"layer": 2 * 3, "position": 2 * 3 * 6, "iterative": 2 * 3 * 6, "all_one_pass": 2 * 3 * 13}  # 2 pairs, input + 2 layers, K = 6
-    assert out["shape"].startswith("tiny") and out["device"] == "cpu"
+    assert out["rows"] == {"layer": 3 * 3, "position": 3 * 3 * 6, "iterative": 3 * 3 * 6}  # 3 pairs, input + 2 layers, K = 6
+    assert out["shape"].startswith("tiny") and out["device"] == "cpu" and out["mfu"] is None  # no bf16 peak for a CPU
+    assert out["lengths"] == "gsm8k" and out["prompt_tokens"]["min"] < out["prompt_tokens"]["max"]  # questions of different lengths
+
+
+def test_mfu_peaks_by_device_name():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from gpu_run import gsm8k_words, peak_for
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    assert peak_for("NVIDIA H100 80GB HBM3") == 989.0 and peak_for("NVIDIA H100 PCIe") == 756.0
+    assert peak_for("NVIDIA H200") == 989.0 and peak_for("NVIDIA A100-SXM4-80GB") == 312.0 and peak_for("NVIDIA L4") == 121.0
+    assert peak_for("some other device") is None
+    words = gsm8k_words(1340)
+    assert 12 <= min(words) < 25 and 100 < max(words) <= 150 and 40 < sum(words) / len(words) < 52
 
 
 def test_engine_speed_tiny_on_cpu():

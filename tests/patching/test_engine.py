@@ -95,23 +95,26 @@ def test_input_row_is_layer_rows_shifted(model, runs):
 
 
 def test_out_of_memory_halves_the_batch(model, runs, monkeypatch):
-    """A CUDA OOM on a big batch is retried in halves; the results do not change."""
+    """A CUDA OOM on a big batch is retried with half its positions; the results do not change."""
     layers, thoughts = all_layers(model), list(range(model.num_thoughts))
     want = position_patching(BatchedEngine(model), runs, layers, thoughts)
     engine = BatchedEngine(model)
     real = BatchedEngine._run_chunk
     sizes = []
 
-    def flaky(self, base, ids, *rest):
+    def flaky(self, ids, *rest):
         sizes.append(len(ids))
         if len(ids) > 5:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(self, base, ids, *rest)
+        return real(self, ids, *rest)
 
     monkeypatch.setattr(BatchedEngine, "_run_chunk", flaky)
     _close(position_patching(engine, runs, layers, thoughts), want)
     n = len(want)
-    assert sizes == [n, n // 2] + [n // 4] * 4 and engine.max_batch == n // 4  # 16 → 8 → 4
+    # 16 variants + the prefix row → 8 rows (7 variants) → 3 variants a batch; the budget stays halved
+    assert sizes[:3] == [n, 7, 3] and all(s <= 3 for s in sizes[3:]) and sum(sizes[2:]) == n
+    seq = len(runs.corrupted_ids) + model.num_thoughts + len(runs.target.clean) + len(runs.target.corrupted)
+    assert engine.max_tokens == 4 * seq  # halved twice from what the first batch held
 
 
 def test_all_experiments_in_one_call_equal_reference(model, runs):

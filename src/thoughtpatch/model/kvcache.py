@@ -91,33 +91,32 @@ if DynamicLayer is not None:
             self.keys, self.values = self._kbuf[:b, :, : n + t], self._vbuf[:b, :, : n + t]
             return self.keys, self.values
 
-        def append_rows(self, row: int, count: int, room: int) -> None:
-            b, n = self.keys.shape[0], self.keys.shape[2]
+        def append_rows(self, src: torch.Tensor, room: int) -> None:
+            b, n, count = self.keys.shape[0], self.keys.shape[2], src.shape[0]
             if not self._fits(b + count, n):
                 self._kbuf = _room(self.keys, b + count + room, n + SPARE)
                 self._vbuf = _room(self.values, b + count + room, n + SPARE)
             # rows b… are past every view handed out, so nothing aliases what is written
-            self._kbuf[b : b + count, :, :n] = self._kbuf[row, :, :n]
-            self._vbuf[b : b + count, :, :n] = self._vbuf[row, :, :n]
+            self._kbuf[b : b + count, :, :n] = self._kbuf[src, :, :n]
+            self._vbuf[b : b + count, :, :n] = self._vbuf[src, :, :n]
             self.keys, self.values = self._kbuf[: b + count, :, :n], self._vbuf[: b + count, :, :n]
 
+def with_copies(t: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """`t` with a copy of each of its batch rows `src` appended."""
+    return torch.cat([t, t[src.to(t.device)]])
 
-def with_copies(t: torch.Tensor, row: int, count: int) -> torch.Tensor:
-    """`t` with `count` copies of its batch row `row` appended."""
-    return torch.cat([t, t[row : row + 1].expand(count, *t.shape[1:])])
 
-
-def append_rows(cache: Any, row: int, count: int, room: int = 0) -> Any:
-    """`cache` with `count` copies of batch row `row` appended, in place. Growing layers keep
+def append_rows(cache: Any, src: torch.Tensor, room: int = 0) -> Any:
+    """`cache` with a copy of each batch row in `src` appended, in place. Growing layers keep
     room for `room` further rows, so a later append copies only its own rows."""
     if DynamicLayer is not None and hasattr(cache, "layers"):
         for lay in cache.layers:
             if isinstance(lay, GrowingLayer) and lay.is_initialized and lay.keys.numel():
-                lay.append_rows(row, count, room)
+                lay.append_rows(src, room)
             elif lay.is_initialized and lay.keys.numel():
-                lay.keys, lay.values = with_copies(lay.keys, row, count), with_copies(lay.values, row, count)
+                lay.keys, lay.values = with_copies(lay.keys, src), with_copies(lay.values, src)
         return cache
-    _set_layers(cache, [(with_copies(k, row, count), with_copies(v, row, count)) for k, v in cache_layers(cache)])
+    _set_layers(cache, [(with_copies(k, src), with_copies(v, src)) for k, v in cache_layers(cache)])
     return cache
 
 

@@ -134,7 +134,12 @@ class LatentState:
     `acts[kind]` holds one tensor per completed thought: input [B,H]; resid, attn, mlp [B,L,H];
     head [B,L,n_heads·head_dim]; kv [B,L,2,n_kv_heads,head_dim]; hidden (HF hidden states:
     0 = embedding output, L = final norm) [B,L+1,H]; logits [B,V] fp32 when recorded.
-    `blocked` are knockouts the read-out positions (<readout> on) obey."""
+    `blocked` are knockouts the read-out positions (<readout> on) obey.
+
+    Rows of several prompts share a batch with their prompts left-padded: every prompt then
+    ends, and every thought sits, at the same cache position (`prompt_len` + k). `valid` says
+    which cache positions each row reads (None: all of them); a row's position id is the
+    number of positions it reads, so padding shifts no row's positions."""
 
     cache: Any
     next_input: torch.Tensor  # [B,H] the thought the next step feeds
@@ -143,6 +148,7 @@ class LatentState:
     step: int = 0
     acts: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     blocked: list[Block] = field(default_factory=list)
+    valid: torch.Tensor | None = None  # [B, cache length] bool, or None: every row reads every position
 
     @property
     def prompt_len(self) -> int:
@@ -151,6 +157,14 @@ class LatentState:
     @property
     def batch_size(self) -> int:
         return self.next_input.shape[0]
+
+    def prompt_rows(self) -> list[list[int]]:
+        """Each row's prompt ids without padding."""
+        ids = self.prompt_ids.tolist()
+        if self.valid is None:
+            return ids
+        keep = self.valid[:, : self.prompt_len].tolist()
+        return [[t for t, k in zip(row, ks) if k] for row, ks in zip(ids, keep)]
 
     def stacked(self, kind: str) -> torch.Tensor:
         """[B, K, ...] over the thoughts run so far."""
@@ -178,8 +192,9 @@ class LatentState:
     def latent_hidden(self) -> torch.Tensor:
         return self.stacked("hidden")  # [B,K,L+1,H]
 
-    def _with_rows(self, cache: Any, f: Callable[[torch.Tensor], torch.Tensor]) -> "LatentState":
-        """A copy with this cache and `f` applied to every per-row tensor."""
+    def _with_rows(self, cache: Any, f: Callable[[torch.Tensor], torch.Tensor], acts: bool = True) -> "LatentState":
+        """A copy with this cache and `f` applied to every per-row tensor (recorded
+        activations left out unless `acts`)."""
         if self.blocked:
             raise ValueError("read-out knockouts name rows: set them after the batch is assembled")
         return replace(
@@ -188,8 +203,9 @@ class LatentState:
             next_input=f(self.next_input),
             bot_hidden=f(self.bot_hidden),
             prompt_ids=f(self.prompt_ids),
-            acts={k: [f(t) for t in v] for k, v in self.acts.items()},
+            acts={k: [f(t) for t in v] for k, v in self.acts.items()} if acts else {},
             blocked=[],
+            valid=None if self.valid is None else f(self.valid),
         )
 
     def fork(self, repeat: int = 1) -> "LatentState":
@@ -200,19 +216,22 @@ class LatentState:
         cache.batch_repeat_interleave(repeat)
         return self._with_rows(cache, lambda t: t.repeat_interleave(repeat, 0))
 
-    def take(self, rows: list[int]) -> "LatentState":
-        """A copy holding `rows` of this batch (indices may repeat)."""
+    def take(self, rows: list[int], acts: bool = True) -> "LatentState":
+        """A copy holding `rows` of this batch (indices may repeat), with or without the
+        recorded activations."""
         from thoughtpatch.model.kvcache import take_rows
 
-        idx = torch.as_tensor(rows, device=self.next_input.device)
-        return self._with_rows(take_rows(self.cache, idx), lambda t: t[idx])
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.next_input.device)
+        return self._with_rows(take_rows(self.cache, idx), lambda t: t[idx], acts)
 
-    def join(self, row: int, count: int, room: int = 0) -> "LatentState":
-        """This batch with `count` copies of `row` appended (the state is consumed: its cache
-        grows in place, keeping room for `room` more rows so later joins copy only theirs)."""
+    def join(self, rows: int | list[int], count: int = 1, room: int = 0) -> "LatentState":
+        """This batch with a copy of each of `rows` appended (an int: `count` copies of that row).
+        The state is consumed: its cache grows in place, keeping room for `room` more rows so
+        later joins copy only theirs."""
         from thoughtpatch.model.kvcache import append_rows, with_copies
 
-        return self._with_rows(append_rows(self.cache, row, count, room), lambda t: with_copies(t, row, count))
+        src = torch.as_tensor([rows] * count if isinstance(rows, int) else list(rows), dtype=torch.long, device=self.next_input.device)
+        return self._with_rows(append_rows(self.cache, src, room), lambda t: with_copies(t, src))
 
 
 @dataclass(frozen=True)
@@ -277,6 +296,27 @@ def _patched_last(h: torch.Tensor, ivs: list[Intervention], shape: tuple[int, ..
         view = iv.apply(view)
     last = view.reshape(last.shape)
     return torch.cat([h[:, :-1], last[:, None]], 1) if h.shape[1] > 1 else last[:, None]
+
+
+def _blocks_for(blocks: list[Block], rows: torch.Tensor) -> list[Block]:
+    """Knockouts of a batch, for the batch made of its rows `rows` (renumbered)."""
+    at = {r: i for i, r in enumerate(rows.tolist())}
+    out = []
+    for blk in blocks:
+        if blk.rows is None:
+            out.append(blk)
+        elif mine := tuple(at[r] for r in blk.rows if r in at):
+            out.append(Block(blk.layer, blk.position, mine))
+    return out
+
+
+@dataclass
+class Scored:
+    """A read-out of a batch (`ThoughtModel.read`)."""
+
+    decision_logits: torch.Tensor  # [B,V] fp32 at the decision position
+    logprob: torch.Tensor  # [B,2] float64: log P(clean), log P(corrupted) from the decision position on
+    generations: list[Generation]
 
 
 @dataclass
@@ -468,6 +508,36 @@ class ThoughtModel:
         new_cache = out.get("cache") if "cache" in out else out.past_key_values
         return out.last_hidden_state, out.hidden_states, _as_cache(new_cache)
 
+    def _feed(
+        self, state: LatentState, embeds: torch.Tensor, blocked=(), attend: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None, hidden: bool = False,
+    ):
+        """Feed `embeds` [B,q,H] on top of `state`, extending its cache (and `valid`); returns
+        (final-norm states [B,q,H], all hidden states or None). `attend` [B,q,q] says which
+        of the new tokens each new token reads (default: causal). Where rows skip cache
+        positions or `attend` is given, the mask and the position ids are explicit (a 4-D
+        boolean mask, which transformers passes to attention as it is); otherwise the model
+        builds them as it always does."""
+        b, q = embeds.shape[:2]
+        past = state.cache.get_seq_length()
+        kw: dict[str, Any] = {"inputs_embeds": embeds}
+        if hidden:
+            kw["output_hidden_states"] = True
+        if state.valid is not None or attend is not None:
+            dev = embeds.device
+            old = state.valid if state.valid is not None else torch.ones(b, past, dtype=torch.bool, device=dev)
+            if attend is None:
+                attend = torch.ones(q, q, dtype=torch.bool, device=dev).tril().expand(b, q, q)
+            kw["attention_mask"] = torch.cat([old[:, None, :].expand(b, q, past), attend], -1)[:, None]
+            if positions is None:
+                positions = old.sum(-1, keepdim=True) + torch.arange(q, device=dev)
+            kw["position_ids"] = positions
+        with _gqa_despite_mask(self.device), self._blocking(blocked, past):
+            last, hidden_states, state.cache = self._body_forward(state.cache, **kw)
+        if state.valid is not None:
+            state.valid = torch.cat([state.valid, state.valid.new_ones(b, q)], 1)
+        return last, hidden_states
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.hf.get_output_embeddings()(h)
 
@@ -478,25 +548,60 @@ class ThoughtModel:
         """The next thought from a final-norm state: CODI prj(h), Coconut h as is."""
         return self.prj(h) if self.prj is not None else h
 
+    def _pad_id(self) -> int:
+        return self.pad_id if self.family.name == "codi" else self.eos_ids[0]
+
     @torch.inference_mode()
-    def encode(self, input_ids: torch.Tensor | list[int], record: bool = False, embed_noise: torch.Tensor | None = None) -> LatentState:
-        """The prompt pass (batch of equal-length prompts, no padding). `embed_noise` [B or 1,T,H]
-        is added to the token embeddings (causal tracing's corrupted run)."""
-        ids = torch.as_tensor(input_ids, device=self.device)
-        if ids.dim() == 1:
-            ids = ids[None]
-        kw: dict[str, Any] = {"attention_mask": torch.ones_like(ids), "output_hidden_states": True}
-        if embed_noise is None:
-            kw["input_ids"] = ids
+    def encode(
+        self, input_ids: torch.Tensor | list[int] | list[list[int]], record: bool = False,
+        embed_noise: torch.Tensor | list[torch.Tensor | None] | None = None,
+    ) -> LatentState:
+        """The prompt pass for one prompt or a batch. Prompts of different lengths are
+        left-padded (pads read only themselves and no real token reads them; position ids
+        count real tokens only). `embed_noise` ([B or 1,T,H], or one [T_b,H] or None per
+        prompt) is added to the token embeddings (causal tracing's corrupted run)."""
+        if isinstance(input_ids, torch.Tensor):
+            rows = input_ids.tolist() if input_ids.dim() == 2 else [input_ids.tolist()]
         else:
-            kw["inputs_embeds"] = self.embed(ids) + embed_noise.to(self.device, self.dtype)
-        out, cache = self._forward(**kw)
+            rows = [list(r) for r in input_ids] if input_ids and not isinstance(input_ids[0], int) else [list(input_ids)]
+        lens = [len(r) for r in rows]
+        t = max(lens)
+        dev = self.device
+        ids = torch.tensor([[self._pad_id()] * (t - n) + r for n, r in zip(lens, rows)], device=dev)
+        ragged = min(lens) != t
+        if isinstance(embed_noise, list):
+            if all(e is None for e in embed_noise):
+                embed_noise = None
+            else:
+                embed_noise = torch.stack([
+                    torch.cat([torch.zeros(t - n, self.hidden_size), e.float().cpu() if e is not None else torch.zeros(n, self.hidden_size)])
+                    for n, e in zip(lens, embed_noise)
+                ])
+        emb = self.embed(ids)
+        if embed_noise is not None:
+            emb = emb + embed_noise.to(dev, self.dtype)
+        kw: dict[str, Any] = {"inputs_embeds": emb}
+        valid = None
+        if ragged:
+            valid = torch.tensor([[False] * (t - n) + [True] * n for n in lens], device=dev)
+            causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
+            kw["attention_mask"] = (causal & valid[:, None, :] | torch.eye(t, dtype=torch.bool, device=dev))[:, None]
+            kw["position_ids"] = (valid.long().cumsum(-1) - 1).clamp_min(0)
+        else:
+            kw["attention_mask"] = torch.ones_like(ids)
+        extra = {}
+        if record:  # the whole LM: every position's logits and hidden states
+            out, cache = self._forward(output_hidden_states=True, **kw)
+            h = out.hidden_states[-1][:, -1]
+            extra = {"prompt_hidden": torch.stack(out.hidden_states, 1), "prompt_logits": out.logits.float()}  # [B,L+1,T,H], [B,T,V]
+        else:  # the decoder only: a thought needs no logits
+            with _gqa_despite_mask(dev):
+                last, _, cache = self._body_forward(None, **kw)
+            h = last[:, -1]
         make_growing(cache)  # later steps append in place rather than re-copying the cache
-        h = out.hidden_states[-1][:, -1]
-        st = LatentState(cache=cache, next_input=self.thought_from(h), bot_hidden=h, prompt_ids=ids)
-        if record:
-            st.prompt_hidden = torch.stack(out.hidden_states, 1)  # type: ignore[attr-defined]  [B,L+1,T,H]
-            st.prompt_logits = out.logits.float()  # type: ignore[attr-defined]
+        st = LatentState(cache=cache, next_input=self.thought_from(h), bot_hidden=h, prompt_ids=ids, valid=valid)
+        for name, value in extra.items():
+            setattr(st, name, value)
         return st
 
     # ---------------------------------------------------------------- latent loop
@@ -531,13 +636,12 @@ class ThoughtModel:
             step = _Step(patches, {kind: [] for kind in HOOKED if kind in record})
             self._step = step
             try:
-                with self._blocking(blocked, st.cache.get_seq_length() if blocked else 0):
-                    last, hidden_states, cache = self._body_forward(st.cache, inputs_embeds=z[:, None], output_hidden_states=True)
+                last, hidden_states = self._feed(st, z[:, None], blocked, hidden="hidden" in record)
             finally:
                 self._step = None
             kv_patches = {l: v for (kind, l), v in patches.items() if kind == "kv"}
             if kv_patches or "kv" in record:
-                layers = cache_layers(cache)
+                layers = cache_layers(st.cache)
                 for l, lv in kv_patches.items():
                     keys, values = layers[l]
                     act = torch.stack([keys[:, :, -1], values[:, :, -1]], 1)  # [B,2,n_kv,hd]
@@ -555,7 +659,6 @@ class ThoughtModel:
                 st.acts.setdefault("hidden", []).append(torch.stack([t[:, -1] for t in hidden_states], 1))
             if record_logits:
                 st.acts.setdefault("logits", []).append(self.head(h).float())
-            st.cache = cache
             st.next_input = self.thought_from(h)
             st.step = k + 1
         return st
@@ -566,74 +669,272 @@ class ThoughtModel:
     def score(self, state: LatentState, continuation: list[int]) -> torch.Tensor:
         """Feed <readout> then teacher-force `continuation` (same for every row); fp32 logits
         [B, len+1, V]: row 0 predicts the first continuation token. The state is unchanged."""
-        b = state.batch_size
-        ids = torch.tensor([self.readout_id, *continuation], device=self.device).expand(b, -1)
         try:
-            with self._blocking(state.blocked, state.cache.get_seq_length()):
-                out, _ = self._forward(state.cache, inputs_embeds=self.embed(ids))
+            return self.teacher_force(state, [self.readout_id, *continuation], keep=len(continuation) + 1)
         finally:
             self.rewind(state)
-        return out.logits.float()
 
     @torch.inference_mode()
     def teacher_force(self, state: LatentState, tokens: list[int], keep: int) -> torch.Tensor:
         """Feed `tokens` (same for every row) on top of `state` and return fp32 logits of the
         last `keep` positions [B, keep, V]. The state is extended: crop it with `rewind`."""
         ids = torch.tensor(tokens, device=self.device).expand(state.batch_size, -1)
-        with _gqa_despite_mask(self.device), self._blocking(state.blocked, state.cache.get_seq_length()):
-            last, _, state.cache = self._body_forward(state.cache, inputs_embeds=self.embed(ids))
+        last, _ = self._feed(state, self.embed(ids), state.blocked)
         return self.head(last[:, last.shape[1] - keep :]).float() if keep else last.new_zeros(0)
 
     def rewind(self, state: LatentState, extra: int = 0) -> None:
         """Drop every cached position after the last thought (+ `extra` kept); a negative crop
         works in transformers 4.x and 5.x."""
-        over = state.cache.get_seq_length() - (state.prompt_len + state.step + extra)
+        keep = state.prompt_len + state.step + extra
+        over = state.cache.get_seq_length() - keep
         if over > 0:
             state.cache.crop(-over)
+        if state.valid is not None:
+            state.valid = state.valid[:, :keep]
+
+    def _ends(self, ids: torch.Tensor, index: torch.Tensor | int, n_max: torch.Tensor, stop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The family's stop rule for greedy ids at answer index `index` (0 = the token after
+        <readout>): (the row ends here, the id is kept). CODI keeps every id and ends after a
+        stop id; Coconut always keeps the first id and ends at a later stop id, unkept. Either
+        ends after `n_max` ids."""
+        hit = (ids[..., None] == stop).any(-1)
+        if self.family.name != "codi":
+            hit = hit & (torch.as_tensor(index, device=ids.device) > 0)
+            keep = ~hit
+        else:
+            keep = torch.ones_like(hit)
+        return hit | (torch.as_tensor(index, device=ids.device) + 1 >= n_max), keep
+
+    def _stop_tensor(self, b: int, stop_ids) -> torch.Tensor:
+        """[B, s] stop ids per row (-1 pads a shorter list) from one tuple or one per row."""
+        rows = [tuple(stop_ids or self.eos_ids)] * b if stop_ids is None or isinstance(stop_ids[0], int) else [tuple(s or self.eos_ids) for s in stop_ids]
+        width = max(len(r) for r in rows)
+        return torch.tensor([[*r, *[-1] * (width - len(r))] for r in rows], device=self.device)
+
+    def _limits(self, b: int, max_new_tokens) -> torch.Tensor:
+        if max_new_tokens is None or isinstance(max_new_tokens, int):
+            max_new_tokens = [max_new_tokens] * b
+        return torch.tensor([self.max_new_tokens if n is None else n for n in max_new_tokens], device=self.device)
 
     @torch.inference_mode()
     def generate(
         self, state: LatentState, max_new_tokens: int | None = None, stop_ids: tuple[int, ...] | None = None, keep_logits: bool = False
     ) -> tuple[list[Generation], torch.Tensor]:
-        """The family's greedy decode after <readout>. Returns the generations and the logits at
-        the <readout> position ([B,V], fp32) — or every decode step's logits [B,n,V] with
-        keep_logits. CODI: argmax over every id but <eot>, each id appended, then a stop id ends
-        the row. Coconut: argmax over every id, the first id always appended, a later stop id
-        ends the row unappended. Finished rows keep being fed; their ids are not kept."""
+        """The family's greedy decode after <readout>, one token at a time. Returns the
+        generations and the logits at the <readout> position ([B,V], fp32) — or every decode
+        step's logits [B,n,V] with keep_logits. CODI: argmax over every id but <eot>, each id
+        appended, then a stop id ends the row. Coconut: argmax over every id, the first id
+        always appended, a later stop id ends the row unappended. Finished rows keep being
+        fed; their ids are not kept. (`read` gives the same ids with less work.)"""
         n_max = self.max_new_tokens if max_new_tokens is None else max_new_tokens
-        stop = torch.tensor(stop_ids or self.eos_ids, device=self.device)
         b = state.batch_size
+        limit = self._limits(b, n_max)
+        stop = self._stop_tensor(b, stop_ids)[:, None, :]
         ids = torch.full((b, 1), self.readout_id, device=self.device)
         alive = torch.ones(b, dtype=torch.bool, device=self.device)
         cols: list[torch.Tensor] = []  # per step: the id appended, or -1
         steps: list[torch.Tensor] = []
-        codi = self.family.name == "codi"
         try:
-            with self._blocking(state.blocked, 0):
-                for t in range(n_max):
-                    self._past = state.cache.get_seq_length()
-                    out, _ = self._forward(state.cache, inputs_embeds=self.embed(ids))
-                    logits = out.logits[:, -1]
-                    if keep_logits or not steps:
-                        steps.append(logits.float())
-                    nxt = logits[:, : self.argmax_ids].argmax(-1)  # ties → lowest id
-                    hit = torch.isin(nxt, stop)
-                    if codi:
-                        cols.append(torch.where(alive, nxt, -1))
-                        alive = alive & ~hit
-                    else:
-                        if t > 0:
-                            alive = alive & ~hit
-                        cols.append(torch.where(alive, nxt, -1))
-                    if not bool(alive.any()):
-                        break
-                    ids = nxt[:, None]
+            for t in range(n_max):
+                last, _ = self._feed(state, self.embed(ids), state.blocked)
+                logits = self.head(last[:, -1])
+                if keep_logits or not steps:
+                    steps.append(logits.float())
+                nxt = logits[:, : self.argmax_ids].argmax(-1)  # ties → lowest id
+                ends, kept = self._ends(nxt[:, None], t, limit[:, None], stop)
+                cols.append(torch.where(alive & kept[:, 0], nxt, -1))
+                alive = alive & ~ends[:, 0]
+                if not bool(alive.any()):
+                    break
+                ids = nxt[:, None]
         finally:
             self.rewind(state)
         rows = torch.stack(cols, 1).tolist() if cols else [[] for _ in range(b)]
-        prompts = state.prompt_ids.tolist()
-        gens = [self.generation(p, [t for t in r if t >= 0], state.step) for p, r in zip(prompts, rows)]
+        gens = [self.generation(p, [t for t in r if t >= 0], state.step) for p, r in zip(state.prompt_rows(), rows)]
         return gens, (torch.stack(steps, 1) if keep_logits else steps[0])
+
+    @torch.inference_mode()
+    def read(
+        self, state: LatentState, clean: list[list[int]], corrupted: list[list[int]], decision: list[int],
+        max_new_tokens: int | list[int | None] | None = None, stop_ids=None, check_every: int = 4,
+    ) -> Scored:
+        """Read out every row against its own two continuations (`clean`, `corrupted`, equal
+        before `decision`): the logits at the decision position, each continuation's log-prob
+        from the decision position on, and the family's greedy answer — the ids `generate`
+        gives, found with less work.
+
+        One forward feeds a token tree per row: <readout> and the clean continuation, and the
+        corrupted tail branching off after the shared part (it reads <readout> and the shared
+        tokens, never the clean tail). Greedy decoding starts by verification: as long as the
+        argmax at a position is the next token of a continuation, the greedy path *is* that
+        continuation, already computed. Only rows whose path leaves both continuations before
+        they stop are decoded further, from their first disagreement, all in one batch that
+        drops finished rows as it goes; the device is asked whether any row is left only
+        every `check_every` tokens. The state is left as it was."""
+        b, dev = state.batch_size, self.device
+        if not (len(clean) == len(corrupted) == len(decision) == b):
+            raise ValueError(f"read: {b} rows but {len(clean)} clean, {len(corrupted)} corrupted, {len(decision)} decision entries")
+        limit = self._limits(b, max_new_tokens)
+        stop = self._stop_tensor(b, stop_ids)
+        single = [tuple(c) == tuple(x) for c, x in zip(clean, corrupted)]
+        tails = [[] if s else list(x[d:-1]) for s, x, d in zip(single, corrupted, decision)]
+        na = torch.tensor([len(c) for c in clean], device=dev)
+        nx = torch.tensor([len(x) for x in corrupted], device=dev)
+        d = torch.tensor(decision, device=dev)
+        big_a, big_t = int(na.max()), max(len(t) for t in tails)
+        q = big_a + big_t
+        pad = self.readout_id
+        feed = torch.tensor([[self.readout_id, *c[:-1], *[pad] * (big_a - len(c)), *t, *[pad] * (big_t - len(t))] for c, t in zip(clean, tails)], device=dev)
+        j = torch.arange(q, device=dev)
+        in_a = j[None] < na[:, None]
+        in_t = (j[None] >= big_a) & (j[None] < big_a + torch.tensor([len(t) for t in tails], device=dev)[:, None])
+        real = in_a | in_t
+        q_in_a = (j < big_a)[None, :, None]
+        k_in_a = (j < big_a)[None, None, :]
+        reads = torch.where(q_in_a, k_in_a, ~k_in_a | (j[None, None, :] <= d[:, None, None]))
+        attend = (reads & (j[:, None] >= j[None, :]) & real[:, :, None] & real[:, None, :]) | torch.eye(q, dtype=torch.bool, device=dev)
+        base = state.valid.sum(-1) if state.valid is not None else torch.full((b,), state.cache.get_seq_length(), device=dev)
+        positions = base[:, None] + torch.where(j[None] < big_a, j[None], 1 + d[:, None] + j[None] - big_a)
+        if self.max_positions:  # padding only: real positions fit (check_length)
+            positions = positions.clamp_max(self.max_positions - 1)
+        # the id each position is scored on: clean[j] in block 1, corrupted[d+1+i] in block 2
+        want = torch.tensor([[*c, *[0] * (big_a - len(c)), *x[d_ + 1 : d_ + 1 + len(t)], *[0] * (big_t - len(t))] for c, x, d_, t in zip(clean, corrupted, decision, tails)], device=dev)
+        first_x = torch.tensor([x[d_] for x, d_ in zip(corrupted, decision)], device=dev)
+        valid = state.valid
+        before = valid if valid is not None else torch.ones(b, state.cache.get_seq_length(), dtype=torch.bool, device=dev)
+        try:
+            last, _ = self._feed(state, self.embed(feed), state.blocked, attend=attend, positions=positions)
+            greedy, lp, lp_first_x, dec = self._score_tree(last, want, first_x, d, real, torch.tensor([c[0] for c in clean], device=dev))
+            ids, todo, e, src, known = self._verify(greedy, clean, corrupted, single, na, nx, d, limit, stop, q)
+            if len(todo):
+                # the rest of the path: each row reads its prompt, thoughts, <readout> and the
+                # continuation tokens it verified, and is fed its first unverified greedy id
+                keep = torch.zeros(b, q + 1, dtype=torch.bool, device=dev)
+                keep.scatter_(1, torch.where(known, src, q), True)
+                self._decode_rest(state, todo, torch.cat([before, keep[:, :q]], 1), ids, e, limit, stop, check_every)
+        finally:
+            self.rewind(state)
+            state.valid = valid
+        lp_a = torch.where(in_a & (j[None] >= d[:, None]), lp, 0).sum(-1)
+        lp_x = torch.where(torch.tensor(single, device=dev), lp_a, lp_first_x + torch.where(in_t, lp, 0).sum(-1))
+
+        cols = torch.arange(ids.shape[1], device=dev)[None]
+        ends, kept = self._ends(ids, cols, limit[:, None], stop[:, None, :])
+        ends = ends & (ids >= 0)
+        any_end = ends.any(-1)
+        first = torch.where(any_end, ends.long().argmax(-1), (ids >= 0).sum(-1))
+        length = first + (any_end & kept.gather(1, first.clamp_max(ids.shape[1] - 1)[:, None])[:, 0]).long()
+        length = torch.where(limit <= 0, 0, length)
+        rows = [r[:n] for r, n in zip(ids.tolist(), length.tolist())]
+        gens = [self.generation(p, r, state.step) for p, r in zip(state.prompt_rows(), rows)]
+        return Scored(dec, torch.stack([lp_a, lp_x], 1), gens)
+
+    def _verify(self, greedy, clean, corrupted, single, na, nx, d, limit, stop, q):
+        """The longest continuation each row's greedy path follows. Returns ids [B,n] (the
+        greedy ids known so far, -1 after), the rows still to decode, e (the last known
+        index), the tree position of each path index, and which path indices are known."""
+        b, dev = greedy.shape[0], greedy.device
+        big_a = int(na.max())
+        width = max(big_a, int(nx.max()))
+        w = torch.arange(width, device=dev)
+        src_a = w.expand(b, width).clamp_max(q - 1)
+        src_x = torch.where(w[None] <= d[:, None], w[None], big_a + w[None] - d[:, None] - 1).clamp(0, q - 1)
+        path_a = torch.tensor([[*c, *[-1] * (width - len(c))] for c in clean], device=dev)
+        path_x = torch.tensor([[*x, *[-1] * (width - len(x))] for x in corrupted], device=dev)
+        g_a, g_x = greedy.gather(1, src_a), greedy.gather(1, src_x)
+        m_a = ((g_a == path_a) & (w[None] < na[:, None])).long().cumprod(-1).sum(-1)
+        m_x = ((g_x == path_x) & (w[None] < nx[:, None])).long().cumprod(-1).sum(-1)
+        m_x = torch.where(torch.tensor(single, device=dev), -1, m_x)
+        use_x = m_x > m_a
+        e = torch.minimum(torch.where(use_x, m_x, m_a), torch.where(use_x, nx, na) - 1)  # ids 0…e are greedy ids known here
+        known = w[None] <= e[:, None]
+        ids = torch.full((b, max(int(limit.max()), width)), -1, dtype=torch.long, device=dev)
+        ids[:, :width] = torch.where(known, torch.where(use_x[:, None], g_x, g_a), -1)
+        ends, _ = self._ends(ids[:, :width], w[None], limit[:, None], stop[:, None, :])
+        done = (ends & known).any(-1) | (limit <= 0)
+        return ids, (~done).nonzero()[:, 0], e, torch.where(use_x[:, None], src_x, src_a), known
+
+    HEAD_CHUNK = 1 << 24  # logits elements computed at once in a read-out (bounds its memory)
+
+    def _score_tree(self, last: torch.Tensor, want: torch.Tensor, first_x: torch.Tensor, d: torch.Tensor, real: torch.Tensor, clean0: torch.Tensor):
+        """The LM head over the read-out tree, only where it is read: greedy ids [B,q] (-1
+        where not needed), log-probs (float64, of fp32 logits) of `want` [B,q] from the
+        decision position on, of `first_x` at it [B], and its fp32 logits [B,V]. Positions
+        between <readout> and the decision (the answer template) are needed only to verify
+        rows whose greedy path starts on the clean continuation."""
+        b, q = want.shape
+        dev = last.device
+        j = torch.arange(q, device=dev)
+        greedy = torch.full((b, q), -1, dtype=torch.long, device=dev)
+        lp = torch.zeros(b, q, dtype=torch.float64, device=dev)
+        lp_first = torch.zeros(b, dtype=torch.float64, device=dev)
+        dec = torch.zeros(b, self.vocab_size, dtype=torch.float32, device=dev)
+        scored = real & (j[None] >= d[:, None])
+        rows, cols = (scored | (j[None] == 0)).nonzero(as_tuple=True)
+        self._heads(last, rows, cols, scored[rows, cols], want, first_x, d, greedy, lp, lp_first, dec)
+        template = (greedy[:, :1] == clean0[:, None]) & (j[None] >= 1) & (j[None] < d[:, None])
+        rows, cols = template.nonzero(as_tuple=True)
+        if len(rows):
+            self._heads(last, rows, cols, torch.zeros_like(rows, dtype=torch.bool), want, first_x, d, greedy, lp, lp_first, dec)
+        return greedy, lp, lp_first, dec
+
+    def _heads(self, last, rows, cols, scored, want, first_x, d, greedy, lp, lp_first, dec) -> None:
+        """LM head at positions (rows, cols) of `last`, in chunks; fills the outputs of `_score_tree`."""
+        step = max(1, self.HEAD_CHUNK // self.vocab_size)
+        for s in range(0, len(rows), step):
+            r, c, sc = rows[s : s + step], cols[s : s + step], scored[s : s + step]
+            logits = self.head(last[r, c])
+            greedy[r, c] = logits[:, : self.argmax_ids].argmax(-1)  # ties → lowest id, as `generate`
+            if not bool(sc.any()):
+                continue
+            r, c, logits = r[sc], c[sc], logits[sc]
+            f = logits.float().double()
+            lse = f.logsumexp(-1)
+            lp[r, c] = f.gather(-1, want[r, c][:, None])[:, 0] - lse
+            at = c == d[r]
+            dec[r[at]] = logits[at].float()
+            lp_first[r[at]] = f[at].gather(-1, first_x[r[at]][:, None])[:, 0] - lse[at]
+
+    def _decode_rest(
+        self, state: LatentState, todo: torch.Tensor, valid: torch.Tensor, ids: torch.Tensor, e: torch.Tensor,
+        limit: torch.Tensor, stop: torch.Tensor, check_every: int,
+    ) -> None:
+        """Greedy decoding of rows `todo` on from their first unverified id (ids[r, e[r]]),
+        reading the cache positions `valid` [B, S]; fills `ids` [B, n] in place."""
+        if len(todo) == state.batch_size:  # every row: decode on the state itself (the caller rewinds it)
+            sub = state
+            sub.valid = valid
+        else:
+            blocked, state.blocked = state.blocked, []
+            try:
+                sub = state.take(todo.tolist(), acts=False)
+            finally:
+                state.blocked = blocked
+            sub.valid = valid[todo]
+            sub.blocked = _blocks_for(blocked, todo)
+        rows = todo  # batch row of `sub` → row of `ids`
+        stop = stop[rows][:, None, :]
+        idx = e[rows] + 1  # the answer index the next argmax is
+        tok = ids[rows, e[rows]]
+        lim = limit[rows]
+        alive = idx < lim
+        for s in range(int((lim - idx).max())):
+            last, _ = self._feed(sub, self.embed(tok[:, None]), sub.blocked)
+            nxt = self.head(last[:, -1])[:, : self.argmax_ids].argmax(-1)
+            ids[rows, idx.clamp_max(ids.shape[1] - 1)] = torch.where(alive, nxt, ids[rows, idx.clamp_max(ids.shape[1] - 1)])
+            ends, _ = self._ends(nxt[:, None], idx[:, None], lim[:, None], stop)
+            alive = alive & ~ends[:, 0]
+            tok, idx = nxt, idx + 1
+            if (s + 1) % check_every == 0:
+                n_alive = int(alive.sum())
+                if n_alive == 0:
+                    break
+                if n_alive <= len(rows) // 2:  # drop finished rows: later steps cost what is left
+                    keep = alive.nonzero()[:, 0]
+                    sub.blocked, blocked_now = [], sub.blocked
+                    sub = sub.take(keep.tolist(), acts=False)
+                    sub.blocked = _blocks_for(blocked_now, keep)
+                    rows, stop, idx, tok, lim, alive = rows[keep], stop[keep], idx[keep], tok[keep], lim[keep], alive[keep]
 
     def generation(self, prompt_ids: list[int], token_ids: list[int], k: int | None = None) -> Generation:
         """Text and answer of generated ids, by the family's rule (Coconut reads the answer

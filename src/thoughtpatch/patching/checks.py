@@ -14,7 +14,7 @@ import torch
 from thoughtpatch.model.runtime import INPUT, Intervention, Site, ThoughtModel
 from thoughtpatch.patching import metrics as M
 from thoughtpatch.patching.engine import BatchedEngine, Patch, ReferenceEngine, Variant
-from thoughtpatch.patching.experiments import Direction, PairRuns, all_layers, locations, site_at
+from thoughtpatch.patching.experiments import Direction, PairRuns, all_layers, locations, site_at, unpatched_run
 
 MAX_SELF_PATCH_SITES = 128  # one reference run per site: a wide head grid is sampled evenly
 
@@ -39,8 +39,18 @@ def _loc(r: dict):
     return r["layer"] if r.get("head") is None else (r["layer"], r["head"])
 
 
+def alone(model: ThoughtModel, runs: PairRuns) -> PairRuns:
+    """The pair's unpatched runs computed one at a time. The null checks compare with them bit
+    for bit; runs read from a batch of many prompts (`unpatched_runs`) differ in the last bits."""
+    return PairRuns(
+        runs.pair, runs.clean_ids, runs.corrupted_prompt, runs.target,
+        unpatched_run(model, runs.clean_ids, runs.target), unpatched_run(model, runs.corrupted_prompt, runs.target),
+    )
+
+
 def self_patch_checks(model: ThoughtModel, runs: PairRuns, direction: Direction, site: str = "resid") -> list[dict]:
     """1. Writing the receiving run's own activations back, site by site, changes nothing."""
+    runs = alone(model, runs)
     prompt, receiving, _ = runs.roles(direction)
     locs = locations(model, site, all_layers(model))
     sites = [site_at(site, loc, k) for k in range(model.num_thoughts) for loc in locs]
@@ -71,6 +81,7 @@ def self_patch_checks(model: ThoughtModel, runs: PairRuns, direction: Direction,
 def all_sites_check(model: ThoughtModel, runs: PairRuns, direction: Direction) -> list[dict]:
     """2. Every thought site from the source: the thoughts become the source's thoughts; with
     the source prompt as well, the whole run is the source run."""
+    runs = alone(model, runs)
     prompt, receiving, source = runs.roles(direction)
     src_prompt = runs.roles("noising" if direction == "denoising" else "denoising")[0]
     sites = [site_at("resid", loc, k) for k in range(model.num_thoughts) for loc in all_layers(model)]

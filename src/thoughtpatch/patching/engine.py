@@ -11,7 +11,7 @@ variant alone from scratch; the two must agree.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal, NamedTuple
 
 import torch
 
@@ -132,12 +132,39 @@ class Readout:
         return self.acts.get(INPUT, torch.zeros(0))  # [K,H]
 
 
-def read_out(model: ThoughtModel, st: LatentState, target: Target) -> list[Readout]:
-    """Score both continuations, decode greedily, and split the batch into per-row readouts.
+def _readouts(st: LatentState, decision: torch.Tensor, lps: list[list[float]], gens: list[Generation]) -> list[Readout]:
+    """The batch split into per-row readouts (lps: per row, clean and corrupted)."""
+    kinds = [k for k in st.acts if k not in ("hidden", "logits")] if st.step else []
+    acts = {k: st.stacked(k) for k in kinds}
+    return [
+        Readout(decision_logits=decision[b], logprob_clean=lps[b][0], logprob_corrupted=lps[b][1], answer=gens[b], acts={k: a[b].float() for k, a in acts.items()})
+        for b in range(st.batch_size)
+    ]
 
-    <readout> and the shared part of the two continuations are fed once; each continuation's
-    tokens after the decision position are then fed on top (positions before the decision
-    are identical in both, so their log-probs cancel and are not computed)."""
+
+def read_out(model: ThoughtModel, st: LatentState, target: Target | list[Target]) -> list[Readout]:
+    """Score both continuations, decode greedily, and split the batch into per-row readouts;
+    `target` is one for every row or one per row (rows of different pairs).
+
+    <readout>, the clean continuation and the corrupted one's tail after the shared part are
+    fed in one forward (positions before the decision are identical in both, so their
+    log-probs cancel and are not summed); the greedy answer is verified along them and
+    decoded only where it leaves them (`ThoughtModel.read`)."""
+    targets = [target] * st.batch_size if isinstance(target, Target) else list(target)
+    sc = model.read(
+        st, [list(t.clean) for t in targets], [list(t.corrupted) for t in targets], [t.decision for t in targets],
+        [t.max_new_tokens for t in targets], [t.stop_ids for t in targets],
+    )
+    return _readouts(st, sc.decision_logits, sc.logprob.tolist(), sc.generations)
+
+
+def plain_read_out(model: ThoughtModel, st: LatentState, target: Target) -> list[Readout]:
+    """`read_out` the plain way, for the reference engine and the unpatched runs its null
+    checks compare with bit for bit: <readout> and the shared part of the continuations fed
+    once, each continuation's tail after the decision on top of it, then the family's greedy
+    decode one token at a time from <readout> fed alone again, as the families' code does.
+    An implementation independent of `ThoughtModel.read`, so the engines' equality is also
+    a check of the verified read-out."""
     d = target.decision
     try:
         decision = model.teacher_force(st, [model.readout_id, *target.clean[:d]], keep=1)[:, 0]
@@ -157,20 +184,8 @@ def read_out(model: ThoughtModel, st: LatentState, target: Target) -> list[Reado
             lps.append(lps[0])
     finally:
         model.rewind(st)
-    # greedy decoding feeds <readout> alone again, as the families' code does, so the answer is theirs
     gens, _ = model.generate(st, max_new_tokens=target.max_new_tokens, stop_ids=target.stop_ids)
-    kinds = [k for k in st.acts if k not in ("hidden", "logits")] if st.step else []
-    acts = {k: st.stacked(k) for k in kinds}
-    return [
-        Readout(
-            decision_logits=decision[b],
-            logprob_clean=float(lps[0][b]),
-            logprob_corrupted=float(lps[1][b]),
-            answer=gens[b],
-            acts={k: a[b].float() for k, a in acts.items()},
-        )
-        for b in range(st.batch_size)
-    ]
+    return _readouts(st, decision, torch.stack(lps, 1).tolist(), gens)
 
 
 def interventions_at(variants: list[Variant], thought: int, row_of: dict[int, int] | None = None) -> list[Intervention]:
@@ -228,11 +243,34 @@ def _record_for(variants: list[Variant], record: tuple[str, ...]) -> tuple[str, 
     return tuple(dict.fromkeys([*record, *sorted(extra)]))
 
 
+class Job(NamedTuple):
+    """The variants of one receiving run (an engine call of `run`)."""
+
+    prompt: Prompt
+    variants: list[Variant]
+    target: Target
+
+
+Done = Callable[[int, list[Readout]], None]
+
+
 class ReferenceEngine:
-    """One variant at a time, each from its own prompt pass: slow, obviously right."""
+    """One variant at a time, each from its own prompt pass, read out the plain way: slow,
+    obviously right."""
 
     def __init__(self, model: ThoughtModel):
         self.model = model
+
+    def run_many(self, jobs: list[Job], record: tuple[str, ...] = (INPUT, "resid"), done: Done | None = None) -> list[list[Readout]]:
+        """`run` for each job (see `BatchedEngine.run_many`)."""
+        out = []
+        for i, job in enumerate(jobs):
+            ros = self.run(job.prompt, job.variants, job.target, record)
+            if done is not None:
+                done(i, ros)
+            else:
+                out.append(ros)
+        return out
 
     def run(self, prompt, variants: list[Variant], target: Target, record: tuple[str, ...] = (INPUT, "resid")) -> list[Readout]:
         m, prompt = self.model, Prompt.of(prompt)
@@ -247,7 +285,7 @@ class ReferenceEngine:
             for k in range(m.num_thoughts):
                 st = m.think(st, ivs, until=k + 1, record_logits=False, record=rec, blocked=blocks_at([v], k, m.num_thoughts, st.prompt_len))
             st.blocked = blocks_at([v], m.num_thoughts, m.num_thoughts, st.prompt_len)
-            out.extend(read_out(m, st, target))
+            out.extend(plain_read_out(m, st, target))
         return out
 
 
@@ -293,67 +331,136 @@ def _distinct(variants: list[Variant]) -> tuple[list[Variant], list[int]]:
     return distinct, index
 
 
+def _changes(v: Variant) -> bool:
+    return bool(v.patches or v.knockouts)
+
+
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-class BatchedEngine:
-    """All variants of one receiving run in staggered batches sharing the prompt and prefix."""
+def shifted(variants: list[Variant], off: int) -> list[Variant]:
+    """`from_variant` indices moved by `off` (a list's place in a longer one)."""
+    if not off:
+        return variants
+    return [
+        Variant(tuple(Patch(p.site, p.value, p.mode, None if p.from_variant is None else p.from_variant + off) for p in v.patches), v.knockouts)
+        for v in variants
+    ]
 
-    def __init__(self, model: ThoughtModel, max_batch: int | None = None):
+
+DEFAULT_MAX_TOKENS = 1 << 16
+
+
+class BatchedEngine:
+    """All variants of one or many receiving runs in staggered batches: each prompt's
+    variants share its prompt pass and unpatched prefix, and variants of different prompts
+    share a batch (prompts left-padded; every row computes what it would alone).
+
+    A batch is sized by `max_tokens`, the cached positions it may hold — rows × the batch's
+    sequence length at the read-out (prompt, K thoughts, both continuations) — and, if given,
+    by `max_batch` rows. Memory grows with both; on CUDA an out-of-memory error halves them
+    and the batch is run again. On a CPU the default (65,536 positions: a few hundred rows of
+    a GSM8K-length prompt) is about where larger batches stop paying; on a GPU set it from
+    memory: a position costs 2 × layers × KV heads × head dim × bytes per value of cache
+    (32 KiB for LLaMA-3.2-1B in bf16), plus the read-out's logits."""
+
+    def __init__(self, model: ThoughtModel, max_batch: int | None = None, max_tokens: int | None = DEFAULT_MAX_TOKENS):
         self.model = model
-        self.max_batch = max_batch  # None = everything in one batch; halves on CUDA OOM
+        self.max_batch = max_batch  # None = no row limit
+        self.max_tokens = max_tokens  # None = no limit
 
     def run(self, prompt, variants: list[Variant], target: Target, record: tuple[str, ...] = (INPUT, "resid")) -> list[Readout]:
-        distinct, index = _distinct(variants)
-        done = self._run_distinct(Prompt.of(prompt), distinct, target, _record_for(distinct, record))
-        return [done[j] for j in index]
+        return self.run_many([Job(Prompt.of(prompt), variants, target)], record)[0]
 
-    def _run_distinct(self, prompt: Prompt, variants: list[Variant], target: Target, record: tuple[str, ...]) -> list[Readout]:
-        if not variants:
-            return []
+    def run_many(self, jobs: list[Job], record: tuple[str, ...] = (INPUT, "resid"), done: Done | None = None) -> list[list[Readout]]:
+        """Every job's readouts, in order — or, with `done`, each job's handed to done(i,
+        readouts) as soon as they are complete and then dropped (memory stays that of a few
+        batches however many jobs there are); returns [] then."""
         m = self.model
         k_total = m.num_thoughts
-        base = prompt.encode(m)
-        results: list[Readout | None] = [None] * len(variants)
-        groups = _linked_groups(variants)  # variants that refer to each other share a batch
+        flat: list[Variant] = []
+        job_of: list[int] = []
+        index: list[list[int]] = []
+        for j, job in enumerate(jobs):
+            distinct, idx = _distinct(job.variants)
+            index.append([len(flat) + i for i in idx])
+            flat += shifted(distinct, len(flat))
+            job_of += [j] * len(distinct)
+        rec = _record_for(flat, record)
+        results: dict[int, Readout] = {}
+        left = [len(set(ix)) for ix in index]
+        out: list[list[Readout]] = [[] for _ in jobs]
+
+        def finish(j: int) -> None:
+            ros = [results[i] for i in index[j]]
+            if done is not None:
+                done(j, ros)
+                for i in set(index[j]):
+                    del results[i]
+            else:
+                out[j] = ros
+
+        for j in range(len(jobs)):
+            if not left[j]:
+                finish(j)
+        # variants that refer to each other share a batch; prompts of similar length batch together
+        length = [len(job.prompt.ids) + k_total + len(job.target.clean) + len(job.target.corrupted) for job in jobs]
+        units = sorted(_linked_groups(flat), key=lambda g: (len(jobs[job_of[g[0]]].prompt.ids), job_of[g[0]], g[0]))
         pos = 0
-        while pos < len(groups):
-            size = max(self.max_batch or len(variants), len(groups[pos]))
-            chunk: list[int] = []
-            while pos < len(groups) and len(chunk) + len(groups[pos]) <= size:
-                chunk += groups[pos]
+        extra = [len([i for i in g if _changes(flat[i])]) for g in units]  # rows a unit adds to its prompt's
+        while pos < len(units):
+            start, chunk, prompts, longest, used = pos, [], set(), 0, 0
+            while pos < len(units):
+                g = units[pos]
+                j = job_of[g[0]]
+                rows = used + extra[pos] + (j not in prompts)
+                seq = max(longest, length[j])
+                if chunk and ((self.max_batch and rows > self.max_batch) or (self.max_tokens and rows * seq > self.max_tokens)):
+                    break
+                chunk += g
+                prompts.add(j)
+                longest, used = seq, rows
                 pos += 1
-            chunk.sort(key=lambda i: (variants[i].start(k_total), i))
             try:
-                outs = self._run_chunk(base, chunk, variants, target, record)
+                outs = self._run_chunk(chunk, flat, job_of, jobs, rec)
             except RuntimeError as e:
                 if not _is_oom(e) or len(chunk) == 1:
                     raise
                 torch.cuda.empty_cache()
-                self.max_batch = max(1, len(chunk) // 2)
-                pos -= sum(1 for g in groups[:pos] if g[0] in chunk)
+                self.max_tokens = max(1, used * longest // 2)  # half of what this batch held
+                if self.max_batch:
+                    self.max_batch = max(1, used // 2)
+                pos = start
                 continue
             for i, r in zip(chunk, outs):
                 results[i] = r
-        return results  # type: ignore[return-value]
+                left[job_of[i]] -= 1
+                if not left[job_of[i]]:
+                    finish(job_of[i])
+        return out if done is None else []
 
-    def _run_chunk(self, base: LatentState, ids: list[int], all_variants: list[Variant], target: Target, record: tuple[str, ...]) -> list[Readout]:
-        """`ids` sorted by start thought. Row 0 of the batch is the unpatched prefix; a variant
-        joins as a copy of row 0 when its first change is due, so one forward per thought
-        serves the prefix and every variant already running."""
+    def _run_chunk(self, ids: list[int], variants: list[Variant], job_of: list[int], jobs: list[Job], record: tuple[str, ...]) -> list[Readout]:
+        """Rows 0…P-1 of the batch are the unpatched prefixes of the chunk's P prompts; a
+        variant joins as a copy of its prompt's prefix row when its first change is due, so
+        one forward per thought serves every prefix and every variant already running.
+        Returns the readouts of `ids`, in order."""
         m = self.model
         k_total = m.num_thoughts
-        rows = [Variant()] + [all_variants[i] for i in ids]
-        row_of = {vid: row for row, vid in enumerate(ids, start=1)}
-        starts = [v.start(k_total) for v in rows[1:]]
-        running = base.fork()
-        joined = 1
+        owners = list(dict.fromkeys(job_of[i] for i in sorted(ids)))
+        prefix = {j: r for r, j in enumerate(owners)}
+        # a variant that changes nothing is its prompt's prefix row (an unpatched run)
+        order = sorted((i for i in ids if _changes(variants[i])), key=lambda i: (variants[i].start(k_total), i))
+        rows = [Variant()] * len(owners) + [variants[i] for i in order]
+        row_of = {vid: row for row, vid in enumerate(order, start=len(owners))}
+        starts = [variants[i].start(k_total) for i in order]
+        running = m.encode([list(jobs[j].prompt.ids) for j in owners], embed_noise=[jobs[j].prompt.noise for j in owners])
+        joined = len(owners)
         for k in range(k_total + 1):
-            n_new = sum(1 for s in starts if s == k)
-            if n_new:
-                running = running.join(0, n_new, room=len(rows) - joined - n_new)
-                joined += n_new
+            new = [prefix[job_of[i]] for i, s in zip(order, starts) if s == k]
+            if new:
+                running = running.join(new, room=len(rows) - joined - len(new))
+                joined += len(new)
             if k == k_total:
                 break
             running = m.think(
@@ -361,5 +468,6 @@ class BatchedEngine:
                 blocked=blocks_at(rows[:joined], k, k_total, running.prompt_len),
             )
         running.blocked = blocks_at(rows, k_total, k_total, running.prompt_len)
-        # the prefix row is read out too (one row of many) rather than copying the cache without it
-        return read_out(m, running, target)[1:]
+        # the prefix rows are read out too (rows of many): they are the unpatched runs
+        outs = read_out(m, running, [jobs[j].target for j in owners] + [jobs[job_of[i]].target for i in order])
+        return [outs[row_of[i]] if i in row_of else outs[prefix[job_of[i]]] for i in ids]

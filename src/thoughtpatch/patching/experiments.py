@@ -24,7 +24,7 @@ import torch
 from thoughtpatch.data.schema import Pair
 from thoughtpatch.model.runtime import INPUT, RECORDABLE, Site, ThoughtModel
 from thoughtpatch.patching import metrics as M
-from thoughtpatch.patching.engine import BatchedEngine, Knockout, Patch, Prompt, Readers, Readout, ReferenceEngine, Target, Variant, read_out
+from thoughtpatch.patching.engine import DEFAULT_MAX_TOKENS, BatchedEngine, Job, Knockout, Patch, Prompt, Readers, Readout, ReferenceEngine, Target, Variant, plain_read_out, shifted
 from thoughtpatch.patching.modes import Mode, ModeContext
 
 Direction = Literal["denoising", "noising"]
@@ -60,15 +60,48 @@ class PairRuns:
 
 
 def unpatched_run(model: ThoughtModel, prompt, target: Target) -> Readout:
-    """The plain loop, every site recorded (what the activation cache stores)."""
+    """The plain loop, every site recorded (what the activation cache stores), read out as
+    the reference engine reads out (its null checks compare with it bit for bit)."""
     st = model.think(Prompt.of(prompt).encode(model), record_logits=False, record=RECORDABLE)
-    return read_out(model, st, target)[0]
+    return plain_read_out(model, st, target)[0]
+
+
+def unpatched_runs(
+    model: ThoughtModel, prompts: list, targets: list[Target], record: tuple[str, ...] = RECORDABLE, max_tokens: int | None = DEFAULT_MAX_TOKENS,
+) -> list[Readout]:
+    """`unpatched_run` for many prompts in a few batches (prompts of similar length together,
+    left-padded, `max_tokens` cached positions a batch; see `BatchedEngine`): each run within
+    fp32 rounding of its own, not bit for bit (the batch shapes differ). `record` can keep
+    fewer kinds (memory: every kind at every thought and block of every run)."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"unpatched_runs: {len(prompts)} prompts but {len(targets)} targets")
+    jobs = [Job(Prompt.of(p), [Variant()], t) for p, t in zip(prompts, targets)]
+    return [ros[0] for ros in BatchedEngine(model, max_tokens=max_tokens).run_many(jobs, record)]
 
 
 def pair_runs(model: ThoughtModel, pair: Pair, max_new_tokens: int | None = None, stop_ids=None) -> PairRuns:
+    """A pair's two unpatched runs, each alone (batch of one: the engines' null checks compare
+    with them bit for bit)."""
     target = Target.for_answers(model, pair.clean.answer, pair.corrupted.answer, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
     ci, ri = model.prompt_ids(pair.clean.question), model.prompt_ids(pair.corrupted.question)
     return PairRuns(pair, ci, Prompt(tuple(ri)), target, unpatched_run(model, ci, target), unpatched_run(model, ri, target))
+
+
+def pairs_runs(
+    model: ThoughtModel, pairs: list[Pair], max_new_tokens: int | None = None, stop_ids=None, record: tuple[str, ...] = RECORDABLE,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
+) -> list[PairRuns]:
+    """`pair_runs` for many pairs, every unpatched run batched (`unpatched_runs`)."""
+    targets, prompts = [], []
+    for pair in pairs:
+        target = Target.for_answers(model, pair.clean.answer, pair.corrupted.answer, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+        targets += [target, target]
+        prompts += [model.prompt_ids(pair.clean.question), model.prompt_ids(pair.corrupted.question)]
+    ros = unpatched_runs(model, prompts, targets, record, max_tokens)
+    return [
+        PairRuns(pair, prompts[2 * i], Prompt(tuple(prompts[2 * i + 1])), targets[2 * i], ros[2 * i], ros[2 * i + 1])
+        for i, pair in enumerate(pairs)
+    ]
 
 
 # ---------------------------------------------------------------- causal tracing inputs
@@ -196,16 +229,120 @@ def _iterative_variants(vals: _Values, kind: str, locs: list[Loc], thoughts, k_t
 BUILDERS = {"layer": _layer_variants, "position": _position_variants, "iterative": _iterative_variants}
 
 
-def _shifted(vs: list[Variant], off: int) -> list[Variant]:
-    """`from_variant` indices of one experiment's list moved to its place in a joint list."""
-    return [Variant(tuple(Patch(p.site, p.value, p.mode, None if p.from_variant is None else p.from_variant + off) for p in v.patches), v.knockouts) for v in vs]
-
-
 def _base_columns(runs: PairRuns, spec: Spec, partner: PairRuns | None) -> dict:
     cols = {"direction": spec.direction, **spec.mode.columns()}
     if spec.mode.name == "resample" and partner is not None:
         cols["resample_pair"] = partner.pair.pair_id
     return cols
+
+
+@dataclass
+class _Part:
+    """One experiment's variants within an engine call, and what their rows need."""
+
+    exp: str
+    variants: list[Variant]
+    keys: list[dict]
+    receiving: Readout
+    source: Readout
+
+
+def _calls(model: ThoughtModel, runs: PairRuns, experiments: list[str], spec: Spec, ctx: ModeContext | None, partner: PairRuns | None) -> list[tuple[Prompt, list[_Part]]]:
+    """A pair's engine calls: one per receiving run, holding every experiment applied to it."""
+    k_total = model.num_thoughts
+    calls: dict[tuple, tuple[Prompt, list[_Part]]] = {}
+
+    def add(prompt: Prompt, part: _Part) -> None:
+        calls.setdefault((prompt.ids, id(prompt.noise)), (prompt, []))[1].append(part)
+
+    patching = [e for e in experiments if e in (*PATCHING, "trace")]
+    if patching:
+        prompt, receiving, source = runs.roles(spec.direction)
+        vals = _Values(model, runs, spec, ctx, partner)
+        locs = locations(model, spec.site, spec.layers)
+        base = _base_columns(runs, spec, partner)
+        for exp in patching:
+            if exp == "trace":
+                vs, keys = _position_variants(vals, spec.site, locs, spec.thoughts, k_total, name="trace")
+            else:
+                vs, keys = BUILDERS[exp](vals, spec.site, locs, spec.thoughts, k_total)
+            add(prompt, _Part(exp, vs, [base | k for k in keys], receiving, source))
+    if "knockout" in experiments:
+        blocks = [l for l in spec.layers if l != INPUT]
+        for run in spec.knock_on:
+            prompt = Prompt(tuple(runs.clean_ids)) if run == "clean" else runs.corrupted_prompt
+            receiving = runs.clean if run == "clean" else runs.corrupted
+            cells = [(l, k) for k in spec.thoughts for l in blocks]
+            vs = [Variant(knockouts=(Knockout(l, k, spec.readers),)) for l, k in cells]
+            keys = [{"experiment": "knockout", "run": run, "readers": spec.readers, "layer": l, "thought": k} for l, k in cells]
+            add(prompt, _Part("knockout", vs, keys, receiving, receiving))
+    return list(calls.values())
+
+
+def _rows(model: ThoughtModel, runs: PairRuns, spec: Spec, part: _Part, readouts: list[Readout]) -> list[dict]:
+    rows = []
+    for key, ro in zip(part.keys, readouts):
+        if part.exp == "iterative":
+            site = site_at(spec.site, key["layer"] if spec.site != "head" else (key["layer"], key["head"]), key["iteration"])
+            a = model.site_value(ro.acts, site)  # the activation this iteration patched in (a_i)
+            key = key | {
+                "norm": M.norm(a),
+                "cos_clean": M.cos(a, model.site_value(runs.clean.acts, site)),
+                "cos_corrupted": M.cos(a, model.site_value(runs.corrupted.acts, site)),
+            }
+        if part.exp == "knockout":
+            metrics = M.knockout_metrics(ro, part.receiving)
+        elif part.exp == "trace":
+            metrics = M.trace_metrics(ro, part.receiving, part.source)
+        else:
+            metrics = M.readout_metrics(ro, part.receiving, part.source, runs.target)
+        rows.append({"pair_id": runs.pair.pair_id, **key, **metrics, **M.baseline_columns(part.exp, part.receiving, part.source)})
+    return rows
+
+
+def patch_pairs(
+    engine: Engine,
+    runs: list[PairRuns],
+    experiments: list[str],
+    spec: Spec,
+    ctx: ModeContext | None = None,
+    partners: list[PairRuns | None] | None = None,
+) -> list[dict[str, list[dict]]]:
+    """`patch_pair` for many pairs at once: the same rows, in the same order, per pair. The
+    batched engine runs the variants of several pairs in one batch (its `max_tokens` sizes
+    the batches) and hands each receiving run's readouts over as soon as they are complete,
+    so memory does not grow with the number of pairs beyond their rows."""
+    model = engine.model
+    partners = partners if partners is not None else [None] * len(runs)
+    if len(partners) != len(runs):
+        raise ValueError(f"patch_pairs: {len(runs)} pairs but {len(partners)} partners")
+    record = (INPUT, "resid") if spec.site in (INPUT, "resid") else (spec.site,)
+    jobs: list[Job] = []
+    owner: list[tuple[int, list[_Part], list[int]]] = []  # per job: pair index, its parts, their offsets
+    for p, (r, partner) in enumerate(zip(runs, partners)):
+        for prompt, parts in _calls(model, r, experiments, spec, ctx, partner):
+            variants: list[Variant] = []
+            offsets = []
+            for part in parts:
+                offsets.append(len(variants))
+                variants += shifted(part.variants, len(variants))
+            jobs.append(Job(prompt, variants, r.target))
+            owner.append((p, parts, offsets))
+    got: dict[int, dict[str, list[list[dict]]]] = {}  # job → experiment → rows of each part
+
+    def done(j: int, readouts: list[Readout]) -> None:
+        p, parts, offsets = owner[j]
+        got[j] = {}
+        for part, off in zip(parts, offsets):
+            got[j].setdefault(part.exp, []).append(_rows(model, runs[p], spec, part, readouts[off : off + len(part.variants)]))
+
+    engine.run_many(jobs, record, done)
+    out: list[dict[str, list[dict]]] = [{} for _ in runs]
+    for j, (p, _, _) in enumerate(owner):  # jobs in order: rows in the order patch_pair gives them
+        for exp, parts_rows in got.pop(j).items():
+            for rows in parts_rows:
+                out[p].setdefault(exp, []).extend(rows)
+    return out
 
 
 def patch_pair(
@@ -219,64 +356,7 @@ def patch_pair(
     """Every variant of the requested experiments for one pair, one engine call per receiving
     run (the batched engine then needs a single pass of K thoughts and one read-out for all of
     them). `ctx` carries what non-replace modes need; `partner` is the resample partner."""
-    model = engine.model
-    k_total = model.num_thoughts
-    out: dict[str, list[dict]] = {}
-    calls: dict[tuple, tuple[Prompt, list[tuple[str, list[Variant], list[dict], Readout, Readout]]]] = {}
-
-    def add(prompt: Prompt, job) -> None:  # one engine call per receiving run
-        calls.setdefault((prompt.ids, id(prompt.noise)), (prompt, []))[1].append(job)
-
-    patching = [e for e in experiments if e in (*PATCHING, "trace")]
-    if patching:
-        prompt, receiving, source = runs.roles(spec.direction)
-        vals = _Values(model, runs, spec, ctx, partner)
-        locs = locations(model, spec.site, spec.layers)
-        base = _base_columns(runs, spec, partner)
-        for exp in patching:
-            if exp == "trace":
-                vs, keys = _position_variants(vals, spec.site, locs, spec.thoughts, k_total, name="trace")
-            else:
-                vs, keys = BUILDERS[exp](vals, spec.site, locs, spec.thoughts, k_total)
-            add(prompt, (exp, vs, [base | k for k in keys], receiving, source))
-    if "knockout" in experiments:
-        blocks = [l for l in spec.layers if l != INPUT]
-        for run in spec.knock_on:
-            prompt = Prompt(tuple(runs.clean_ids)) if run == "clean" else runs.corrupted_prompt
-            receiving = runs.clean if run == "clean" else runs.corrupted
-            cells = [(l, k) for k in spec.thoughts for l in blocks]
-            vs = [Variant(knockouts=(Knockout(l, k, spec.readers),)) for l, k in cells]
-            keys = [{"experiment": "knockout", "run": run, "readers": spec.readers, "layer": l, "thought": k} for l, k in cells]
-            add(prompt, ("knockout", vs, keys, receiving, receiving))
-    record = (INPUT, "resid") if spec.site in (INPUT, "resid") else (spec.site,)
-    for prompt, jobs in calls.values():
-        variants: list[Variant] = []
-        offsets = []
-        for _, vs, _, _, _ in jobs:
-            offsets.append(len(variants))
-            variants += _shifted(vs, len(variants))
-        readouts = engine.run(prompt, variants, runs.target, record=record)
-        for (exp, vs, keys, receiving, source), off in zip(jobs, offsets):
-            ros = readouts[off : off + len(vs)]
-            rows = []
-            for key, ro in zip(keys, ros):
-                if exp == "iterative":
-                    site = site_at(spec.site, key["layer"] if spec.site != "head" else (key["layer"], key["head"]), key["iteration"])
-                    a = model.site_value(ro.acts, site)  # the activation this iteration patched in (a_i)
-                    key = key | {
-                        "norm": M.norm(a),
-                        "cos_clean": M.cos(a, model.site_value(runs.clean.acts, site)),
-                        "cos_corrupted": M.cos(a, model.site_value(runs.corrupted.acts, site)),
-                    }
-                if exp == "knockout":
-                    metrics = M.knockout_metrics(ro, receiving)
-                elif exp == "trace":
-                    metrics = M.trace_metrics(ro, receiving, source)
-                else:
-                    metrics = M.readout_metrics(ro, receiving, source, runs.target)
-                rows.append({"pair_id": runs.pair.pair_id, **key, **metrics, **M.baseline_columns(exp, receiving, source)})
-            out.setdefault(exp, []).extend(rows)
-    return out
+    return patch_pairs(engine, [runs], experiments, spec, ctx, [partner])[0]
 
 
 def layer_patching(engine: Engine, runs: PairRuns, layers, thoughts, direction: Direction = "denoising", site: str = "resid") -> list[dict]:

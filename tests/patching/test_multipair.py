@@ -1,0 +1,154 @@
+"""Several pairs in one batch (prompts of different lengths, left-padded) and the verified
+read-out: every row computes what it computes alone, on both families and architectures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.rows import assert_rows_close as _close
+from tests.tiny import make_tiny_codi, make_tiny_coconut
+from thoughtpatch.data.schema import Pair, Problem
+from thoughtpatch.model import load_model
+from thoughtpatch.patching.engine import BatchedEngine, Prompt, ReferenceEngine, Target
+from thoughtpatch.patching.experiments import (
+    PairRuns, Spec, all_layers, pair_runs, pairs_runs, patch_pair, patch_pairs, trace_noise, unpatched_run, unpatched_runs,
+)
+
+# prompts of 9 to 21 tokens; in pair 2 the two questions differ in length too
+QS = [
+    ("tom has 3 apples . how many ?", 3, "tom has 4 apples . how many ?", 4),
+    ("tom has 7 apples and he buys 2 more . how many apples has tom ?", 9, "tom has 7 apples and he buys 3 more . how many apples has tom ?", 10),
+    ("he has 12 apples and tom buys 5 more and he buys 1 more . how many apples has he left ?", 18, "he has 10 apples . how many apples has he ?", 10),
+]
+PAIRS = [Pair(i, Problem(a, x), Problem(b, y)) for i, (a, x, b, y) in enumerate(QS)]
+
+
+@pytest.fixture(scope="module", params=["codi-llama", "codi-gpt2", "coconut-llama", "coconut-gpt2"])
+def model(request, tmp_path_factory):
+    family, arch = request.param.split("-")
+    root = tmp_path_factory.mktemp(request.param)
+    if family == "codi":
+        ckpt, base = make_tiny_codi(root, arch)
+        return load_model(ckpt, base=base)
+    ckpt, base = make_tiny_coconut(root, arch)
+    return load_model(ckpt, base=base, num_thoughts=4)
+
+
+@pytest.fixture(scope="module")
+def runs(model):
+    """Batch-1 unpatched runs; pair 1's continuations differ in length (a corrupted answer
+    of two tokens), so the read-out's two branches are ragged."""
+    out = [pair_runs(model, p, max_new_tokens=6) for p in PAIRS]
+    r = out[1]
+    eos = model.eos_ids[0]
+    c = (*model.answer_ids(9), eos)
+    x = (*model.answer_ids(10), *model.answer_ids(1)[-1:], eos)
+    d = next(i for i, (a, b) in enumerate(zip(c, x)) if a != b)
+    target = Target(c, x, d, max_new_tokens=6)
+    out[1] = PairRuns(r.pair, r.clean_ids, r.corrupted_prompt, target, unpatched_run(model, r.clean_ids, target), unpatched_run(model, r.corrupted_prompt, target))
+    return out
+
+
+def _acts_close(a: dict, b: dict, tol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= tol * max(1.0, float(b[k].abs().max())), k
+
+
+def test_unpatched_runs_equal_one_at_a_time(model, runs):
+    """Many prompts of different lengths (and a noised one, as causal tracing feeds) in one
+    padded batch, or in batches of a few: each run is its own run within fp32 rounding."""
+    noised = Prompt(tuple(runs[2].clean_ids), trace_noise(model, runs[2].clean_ids, 2))
+    prompts = [Prompt(tuple(r.clean_ids)) for r in runs] + [r.corrupted_prompt for r in runs] + [noised]
+    targets = [r.target for r in runs] * 2 + [runs[2].target]
+    assert len({len(p.ids) for p in prompts}) >= 4
+    alone = [unpatched_run(model, p, t) for p, t in zip(prompts, targets)]
+    for budget in (None, 100):  # one batch; batches of two or three prompts
+        for got, want in zip(unpatched_runs(model, prompts, targets, max_tokens=budget), alone, strict=True):
+            assert (got.decision_logits - want.decision_logits).abs().max() <= 1e-5
+            assert abs(got.logprob_clean - want.logprob_clean) <= 1e-5 and abs(got.logprob_corrupted - want.logprob_corrupted) <= 1e-5
+            assert got.answer.token_ids == want.answer.token_ids
+            _acts_close(got.acts, want.acts)
+    batched = pairs_runs(model, PAIRS, max_new_tokens=6)
+    for b, r in zip(batched, [pair_runs(model, p, max_new_tokens=6) for p in PAIRS]):
+        assert (b.clean.decision_logits - r.clean.decision_logits).abs().max() <= 1e-5 and b.corrupted.answer.token_ids == r.corrupted.answer.token_ids
+
+
+EXPS = ["layer", "position", "iterative", "knockout"]
+
+
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_many_pairs_equal_one_pair_at_a_time(model, runs, direction):
+    """Every experiment (Exp 2's linked variants and knockouts included) for three pairs in
+    one engine call equals each pair alone through the reference engine; in small batches
+    that mix prompts, too."""
+    spec = Spec("resid", tuple(all_layers(model)), tuple(range(model.num_thoughts)), direction, readers="both", knock_on=("clean", "corrupted"))
+    want = [patch_pair(ReferenceEngine(model), r, EXPS, spec) for r in runs]
+    for engine in (BatchedEngine(model), BatchedEngine(model, max_tokens=400)):
+        got = patch_pairs(engine, runs, EXPS, spec)
+        assert len(got) == len(runs)
+        for g, w in zip(got, want):
+            assert g.keys() == w.keys() == set(EXPS)
+            for e in EXPS:
+                _close(g[e], w[e])
+
+
+@pytest.mark.parametrize("site", ["attn", "head", "kv"])
+def test_many_pairs_equal_one_pair_every_site(model, runs, site):
+    spec = Spec(site, tuple(all_layers(model)), tuple(range(model.num_thoughts)), "denoising")
+    exps = ["layer", "position", "iterative"]
+    got = patch_pairs(BatchedEngine(model, max_tokens=2000), runs, exps, spec)
+    for g, r in zip(got, runs):
+        w = patch_pair(BatchedEngine(model), r, exps, spec)
+        for e in exps:
+            _close(g[e], w[e])
+
+
+# ---------------------------------------------------------------- verified read-out
+
+
+def _cases(model, prompts: list[list[int]], n: int):
+    """(prompt, clean, corrupted, decision, max_new_tokens, stop_ids) rows whose greedy path
+    follows the clean continuation to the end, leaves it early, follows the corrupted one
+    instead, stops early on a stop id (also on the very first id, which Coconut keeps), or
+    runs into max_new_tokens inside what was verified."""
+    out = []
+    for p in prompts:
+        (g,), _ = model.generate(model.think(model.encode(p)), max_new_tokens=n)
+        ids = g.token_ids
+        other = next(t for t in range(model.base_vocab) if t not in ids)
+        out += [
+            (p, ids, [*ids[:1], other], 1, n, None),  # all of the clean continuation
+            (p, [*ids[:2], other, ids[3]], ids, 2, n, None),  # the corrupted one, after the decision
+            (p, [*ids[:2], other], [*ids[:1], other, other], 1, n, None),  # leaves both: decoded on
+            (p, [other, *ids[1:]], [other, *ids[1:]], 0, n, None),  # leaves at once (one continuation)
+            (p, ids, [*ids[:1], other], 1, n, (ids[2],)),  # a stop id inside the verified part
+            (p, ids, [*ids[:1], other], 1, n, (ids[0],)),  # the first id a stop id
+            (p, [*ids[:2], other], ids, 1, n, (ids[4],)),  # a stop id in the decoded part
+            (p, ids, [*ids[:1], other], 1, 3, None),  # max_new_tokens inside the verified part
+            (p, [other], [other + 1], 0, 1, None),  # one token
+        ]
+    return out
+
+
+def test_read_decodes_what_generate_decodes(model, runs):
+    """`read` on a padded batch of many prompts gives every row the ids `generate` gives the
+    prompt alone (same stop ids, same limit), and the log-probs of teacher forcing."""
+    prompts = [r.clean_ids for r in runs] + [list(runs[2].corrupted_prompt.ids)]
+    cases = _cases(model, prompts, 8)
+    st = model.think(model.encode([c[0] for c in cases]), record_logits=False)
+    sc = model.read(st, [c[1] for c in cases], [c[2] for c in cases], [c[3] for c in cases], [c[4] for c in cases], [c[5] for c in cases], check_every=2)
+    assert st.cache.get_seq_length() == st.prompt_len + model.num_thoughts  # left as it was
+    decoded = verified = 0
+    for row, (p, clean, corrupted, d, n, stop) in enumerate(cases):
+        alone = model.think(model.encode(p))
+        (want,), _ = model.generate(alone, max_new_tokens=n, stop_ids=stop)
+        assert sc.generations[row].token_ids == want.token_ids, (row, clean, corrupted, stop)
+        logits = model.score(alone, clean).double().log_softmax(-1)[0]
+        lp = sum(float(logits[i, clean[i]]) for i in range(d, len(clean)))
+        assert abs(float(sc.logprob[row, 0]) - lp) <= 1e-5
+        assert (sc.decision_logits[row] - model.score(alone, clean[:d])[0, d]).abs().max() <= 1e-5
+        decoded += len(want.token_ids) > 2 and stop is None and clean[:3] != want.token_ids[:3]
+        verified += stop is None and want.token_ids[:len(clean)] == clean
+    assert decoded and verified  # both kinds of rows were there
