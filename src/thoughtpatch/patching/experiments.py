@@ -120,7 +120,7 @@ def trace_noise(model: ThoughtModel, ids: list[int], question_id: int, tokens: s
     from thoughtpatch.patching.modes import noise_for
 
     emb = model.hf.get_input_embeddings().weight
-    sigma = scale * float(emb.float().std())
+    sigma = scale * float(emb.detach().float().std())
     positions = number_positions(model, ids) if tokens == "numbers" else [i for i, t in enumerate(ids) if t not in model.markers]
     eps = noise_for(seed, question_id, Site(INPUT, thought=0), (len(ids), model.hidden_size))
     mask = torch.zeros(len(ids), 1)
