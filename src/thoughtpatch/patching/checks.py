@@ -106,8 +106,11 @@ def all_sites_check(model: ThoughtModel, runs: PairRuns, direction: Direction) -
     ]
 
 
-def grid_checks(position: list[dict], layer: list[dict], direction: Direction) -> list[dict]:
-    """3–6 from the Exp 1 grid and layer patching."""
+def grid_checks(position: list[dict], layer: list[dict], direction: Direction, site: str = "resid") -> list[dict]:
+    """3–6 from the Exp 1 grid and layer patching. Check 6 asks the whole state at one cell
+    (resid, input) to favour the source outright; one component (attn, mlp, a head, a kv
+    entry) adds to a state it does not replace, so there it asks the cell to move the pair's
+    log-prob difference towards the source."""
     out = []
     grid = _mean_by(position, ("layer", "thought"), "kl")
     by_layer = _mean_by(layer, ("layer",), "kl")
@@ -137,13 +140,13 @@ def grid_checks(position: list[dict], layer: list[dict], direction: Direction) -
         best = max(toward, key=lambda c: sign * toward[c])
         first = next(r["pair_id"] for r in position)
         row = next(r for r in position if r["pair_id"] == first and (_loc(r), r["thought"]) == best)
-        out.append(
-            check(
-                "first_pair_best_cell_logit_diff", row["answer_logit_diff"], "pass" if sign * row["answer_logit_diff"] > 0 else "fail",
-                f"pair {first} at the most effective cell (layer {best[0]}, thought {best[1]}: largest mean answer logit diff towards the source): "
-                "its answer logit diff clean − corrupted should favour the source",
-            )
-        )
+        where = f"pair {first} at the most effective cell (layer {best[0]}, thought {best[1]}: largest mean answer logit diff towards the source): "
+        if site in ("resid", "input") or "logprob_diff_receiving" not in row:
+            value, want = row["answer_logit_diff"], "its answer logit diff clean − corrupted should favour the source"
+        else:
+            value = row["logprob_diff"] - row["logprob_diff_receiving"]
+            want = f"one {site} component: its log-prob difference should move towards the source (patched − unpatched shown)"
+        out.append(check("first_pair_best_cell_logit_diff", value, "pass" if sign * value > 0 else "fail", where + want))
     return out
 
 
@@ -204,7 +207,7 @@ def aggregate_checks(results: dict[str, list[dict]], direction: Direction, num_t
         of = {e: [r for r in results.get(e, []) if r.get("site", "resid") == site] for e in ("position", "layer", "iterative")}
         got = []
         if of["position"] and of["layer"]:
-            got += grid_checks(of["position"], of["layer"], direction)
+            got += grid_checks(of["position"], of["layer"], direction, site)
         if of["iterative"] and of["position"]:
             got += iterative_checks(of["iterative"], of["position"], of["layer"], SimpleNamespace(num_thoughts=num_thoughts))
         out += for_site(got, site)
