@@ -583,6 +583,11 @@ def sweep(
     max_new = cfg.max_new_tokens or model.max_new_tokens
     trace = "trace" in cfg.experiments
     plans, cut = plan_pairs(model, pairs, pairs_path, max_new, stop_ids, trace=trace)
+    mode = cfg.mode_spec()
+    if len(full_pairs) > len(pairs) and (mode.needs_stats or mode.name == "resample"):
+        # a shard's mode statistics and resample partners come from the whole pair set
+        ours = {p.pair_id for p in pairs}
+        plans |= plan_pairs(model, [p for p in full_pairs if p.pair_id not in ours], pairs_path, max_new, stop_ids, trace=trace)[0]
     if cut:
         say(f"note: the model has {max_positions(model)} positions: greedy decoding of {cut} of {len(pairs)} pairs stops at the last one, before --max-new-tokens {max_new}")
     manifest = {
@@ -703,6 +708,7 @@ def _sweep(model, pairs, full_pairs, cfg, plans, same_answer, layers, thoughts, 
         exps = cfg.experiment_list
         knock_on = ["clean", "corrupted"] if cfg.knock_on == "both" else [cfg.knock_on]
         cells = {e: _cells(model, e, cfg.sites, layers, thoughts, knock_on) for e in exps}
+        manifest["cells_per_pair"] = {e: len(c) for e, c in cells.items()}  # what merge expects of every pair
         paths = {e: out / e / "results.jsonl" for e in exps} if out else {}
         # What a resumed run holds is checked (and a torn pair dropped) before anything is written.
         writers, done = open_results(paths, cells, [r.pair.pair_id for r in patched], cfg.direction) if out else ({}, set())

@@ -109,7 +109,9 @@ def _order_shards(dirs: list[Path], manifests: list[dict]) -> dict[int, Path]:
 
 
 def _cells_per_pair(m: dict, exp: str) -> int:
-    layers, thoughts = len(m["layers"]), len(m["thoughts"])
+    if exp in m.get("cells_per_pair", {}):  # recorded by the run (every site, head and knockout run)
+        return m["cells_per_pair"][exp]
+    layers, thoughts = len(m["layers"]), len(m["thoughts"])  # runs from before that record
     return {"layer": layers, "position": layers * thoughts, "iterative": layers * m["model"]["num_thoughts"]}[exp]
 
 
