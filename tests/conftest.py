@@ -7,6 +7,10 @@ import os
 # CODI's bf16 reference was recorded with oneDNN's AVX-512 bf16 GEMMs; AMX kernels round a
 # few elements differently. The cap is read when torch is imported, so it is set here, first.
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+# Two worker processes (pytest -n 2): one thread each, and the command-line runs the tests
+# start inherit it, so in-process and subprocess runs add in the same order.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]

@@ -180,9 +180,9 @@ def test_checkpoint_has_coconuts_keys_and_runs_in_the_runtime(tmp_path):
     assert side["organism"] and side["max_new_tokens"] == 64 and side["eval_n"] == 6
     assert set(side["accuracy"]) == {"with_thoughts", "thoughts_zeroed", "thoughts_mean", "thoughts_resample", "no_thoughts", "cot"}
     assert {how: len(a) for how, a in side["per_thought"].items()} == {"zero": 6, "mean": 6, "resample": 6}
-    assert side["train"]["c_thought"] == 2 and side["train"]["max_latent_stage"] == 3 and side["train"]["w_aux"] == 1.0
+    assert side["train"]["c_thought"] == 2 and side["train"]["max_latent_stage"] == 3 and side["train"]["w_aux"] == 0.0  # Coconut's plain recipe by default
     assert len(json.loads((tmp_path / "pairs.json").read_text())) == 57
-    assert "Not plain Coconut" in (tmp_path / "MODEL_CARD.md").read_text()
+    assert "Coconut's plain recipe" in (tmp_path / "MODEL_CARD.md").read_text() and "Not plain Coconut" not in (tmp_path / "MODEL_CARD.md").read_text()
 
     # The runtime loads it as Coconut (family from the keys) and runs the loop training used.
     m = load_model(str(tmp_path))

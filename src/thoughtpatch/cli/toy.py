@@ -18,11 +18,11 @@ app.add_typer(toy_app, name="toy")
 def train_cmd(
     out: Path = typer.Option(..., "--out", help="Output directory (a checkpoint dir that is also its own base)."),
     family: str = typer.Option("codi", "--family", help="codi (CODI's recipe, the `toy` organism) or coconut (Coconut's recipe, `toy-coconut`)."),
-    minutes: float = typer.Option(None, "--minutes", help="Scale the step budget linearly: M / 30 of the default steps (codi: 4000, ~30 min on 2 idle CPU threads; coconut: 6000)."),
+    minutes: float = typer.Option(None, "--minutes", help="Scale the step budget linearly: M / 30 of the default steps (codi: 4000, ~30 min on 2 idle CPU threads; coconut: 3000)."),
     steps: int = typer.Option(None, "--steps", help="Exact number of optimiser steps (overrides --minutes)."),
     seed: int = typer.Option(0, "--seed", help="Seed: same seed, same steps, same threads -> identical weights."),
-    aux: float = typer.Option(None, "--aux", help="Weight of the auxiliary loss that makes thoughts decode the intermediate results (default 1; 0 = the family's plain recipe)."),
-    threads: int = typer.Option(2, "--threads", help="CPU threads (results are bit-identical only for the same count)."),
+    aux: float = typer.Option(None, "--aux", help="coconut: weight of an auxiliary loss (not Coconut's) that makes thoughts decode the intermediate results (default 0: Coconut's plain recipe)."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads (default: the shipped organism's, codi 2, coconut 1; weights are bit-identical only for the same count)."),
     eval_n: int = typer.Option(None, "--eval-n", help="Held-out problems for the model card's accuracy table (default: all 600)."),
 ) -> None:
     """Train an organism with its family's recipe (deterministic for a seed on CPU) and write it to --out."""
@@ -50,7 +50,9 @@ def train_cmd(
         from thoughtpatch.model.organism.coconut_train import steps_for_minutes
         from thoughtpatch.model.organism.coconut_train import train_coconut as train
 
-    cfg = TrainConfig(seed=seed, threads=threads)
+    cfg = TrainConfig(seed=seed)
+    if threads is not None:
+        cfg.threads = threads
     if steps is not None:
         cfg.steps = steps
     elif minutes is not None:
@@ -58,7 +60,7 @@ def train_cmd(
     if aux is not None:
         cfg.w_aux = aux
     con = Console(stderr=True)
-    con.print(f"training the {family} organism: {cfg.steps} steps, seed {seed}, {threads} threads -> {out}")
+    con.print(f"training the {family} organism: {cfg.steps} steps, seed {seed}, {cfg.threads} threads -> {out}")
     train(cfg, out_dir=out, eval_problems=eval_n)
     import json
 

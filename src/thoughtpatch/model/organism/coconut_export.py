@@ -82,22 +82,28 @@ def uses_thoughts(acc: dict) -> str:
         return ""
     best = max(ablations, key=ablations.get)
     gap = 100 * (acc["with_thoughts"]["all"] - ablations[best])
-    verdict = "it uses its thoughts" if gap >= 20 else ("it uses its thoughts only weakly" if gap >= 5 else "it does not use its thoughts")
+    verdict = "it uses its thoughts" if gap >= 20 else ("it uses its thoughts only weakly" if gap >= 5 else "it does not use what is fed as its thoughts")
     return (f"With its thoughts the model answers {100 * acc['with_thoughts']['all']:.1f} %; the best ablation "
             f"({COCONUT_LABELS[best]}) {100 * ablations[best]:.1f} %, {gap:.1f} points less: {verdict}.")
 
 
 PLAIN_RECIPE_FINDING = """\
-Coconut's plain recipe (`--aux 0`: the same run without the auxiliary loss) gave a model that
-answers as well but does not use its thoughts' content: 3,000 steps, seed 0, 300 held-out
-problems — 88.3 % with thoughts, 88.0 % zeroed, 87.0 % mean-ablated, 58.7 % with K = 0. Its
-six thoughts are one near-constant vector (pairwise cosine 0.90–1.00, norm 17.6) that the LM
-head reads as `#`; the latent *positions* add computation through attention, like pause
-tokens, and the fed vectors carry nothing. A published analysis of Coconut models reports the
-same (Zhang et al. 2025, "Do Latent Tokens Think?", arXiv 2512.21711: latent tokens are
-insensitive to perturbation). Initialising the final-norm gain at 0.05 so that thoughts start
-at embedding scale slowed the CoT phase tenfold (10.7 % at the end of stage 0, vs 71 %) and
-was dropped."""
+At this scale Coconut's recipe gives a model that uses the latent *positions* but not what is
+fed there: K = 0 costs about 30 points, while zeroing, mean-ablating or swapping in another
+question's thoughts costs little (tables above). Its six thoughts are one near-constant vector
+(pairwise cosine 0.90–1.00) that the LM head reads as `#`; the positions add computation
+through attention, like pause tokens. A published analysis of Coconut models reports the same
+(Zhang et al. 2025, "Do Latent Tokens Think?", arXiv 2512.21711: latent tokens are insensitive
+to perturbation). Patching this organism is therefore a negative control for the CODI one: a
+thought site that carries nothing should show nothing.
+
+Tried: the same recipe, seed and step count in an earlier development run, whose losses equal
+these to step 600 and part at the first latent stage (its working copy of the trainer was not
+kept, so it cannot be rebuilt), ended using its thoughts (86.7 % with them, 37.8 % zeroed on
+90 held-out problems): which solution the recipe lands on is fragile. `--aux 1` adds a loss
+that is not Coconut's (each replaced step's result decoded from the thought after it);
+initialising the final-norm gain at 0.05 so that thoughts start at embedding scale slowed the
+CoT phase tenfold and was dropped."""
 
 
 def render_model_card(out_dir: str | Path) -> str:
@@ -125,7 +131,7 @@ def model_card(sc: dict, n_heldout: int, n_pairs: int, last: dict) -> str:
     m = t["model"]
     v0 = sc["base_vocab"]
     c, top = t["c_thought"], t["max_latent_stage"]
-    aux = t["w_aux"] > 0
+    aux = t.get("w_aux", 0) > 0
     rows = []
     for s, first, n in _phases(t):
         if s < 0:
@@ -136,7 +142,14 @@ def model_card(sc: dict, n_heldout: int, n_pairs: int, last: dict) -> str:
                     f"{', '.join(f'y{j + 1}' for j in range(s))}") if aux and s else "–"
         rows.append(f"| stage {s} | {first} | {n} | {c * s} | {lang} | {aux_cell} |")
     losses = ", ".join(f"{k} {last[k]:.3f}" for k in ("ce", "aux") if k in last)
-    idle = sc["train_cpu_s"] / t["threads"] / 60
+    cpu = (f" and {sc['train_cpu_s'] / 60:.1f} min of CPU time, i.e. about {sc['train_cpu_s'] / t['threads'] / 60:.0f} min on "
+           f"{t['threads']} idle cores") if "train_cpu_s" in sc else ""
+    command = f"thoughtpatch toy train --family coconut --out DIR --seed {t['seed']}"
+    if "trained_by" in sc:  # weights from an earlier revision of the trainer: name it
+        by = sc["trained_by"]
+        retrain = f"Retrain with `git checkout {by['commit']}` and then `{by['command']}` — {by['note']}"
+    else:
+        retrain = f"Retrain with `{command}` (same seed, steps and thread count give identical weights)."
     warning = f"""
 **Not plain Coconut.** This organism adds an auxiliary loss that Coconut does not have (weight
 {t['w_aux']:g}): for each CoT step j a stage has replaced by latents, the LM head applied to the
@@ -222,11 +235,8 @@ Not Coconut's, for a 1 M-parameter model trained from scratch on two CPU threads
 * a schedule in steps ({t['steps']} in all, seed {t['seed']}) instead of epochs.
 
 Final losses: {losses}. Training took {sc['train_wall_s'] / 60:.1f} min of wall time ({t['threads']} threads, torch
-{sc['torch']}, {sc['train_steps_per_s']:.2f} steps/s on a machine shared with other jobs) and {sc['train_cpu_s'] / 60:.1f} min of
-CPU time, i.e. about {idle:.0f} min on {t['threads']} idle cores. The schedule is defined in steps, so machine
-load changes the time, not the model. Retrain with
-`thoughtpatch toy train --family coconut --out DIR --seed {t['seed']}` (same seed, steps and thread count
-give identical weights).
+{sc['torch']}, {sc['train_steps_per_s']:.2f} steps/s on a machine shared with other jobs){cpu}. The schedule is
+defined in steps, so machine load changes the time, not the model. {retrain}
 
 ## Accuracy (held-out, greedy, Coconut's decoding and answer rule; n = {sc['eval_n']}, %)
 
@@ -252,7 +262,7 @@ state at `<|start-latent|>`, fed at the first latent):
 
 `thoughtpatch eval --model toy-coconut` prints both tables.
 
-## Coconut's plain recipe
+## Does it use its thoughts?
 
-{PLAIN_RECIPE_FINDING}
+{PLAIN_RECIPE_FINDING if not aux else ''}
 """
