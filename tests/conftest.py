@@ -16,3 +16,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # Golden references and real-data samples, derived by tests/fixtures/make_fixtures.py.
 FIXTURES = REPO / "tests" / "fixtures"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under `-n 2 --dist loadgroup` a test module runs in one worker (its module fixtures are
+    built once), and so do all of tests/report, whose session fixtures are whole runs."""
+    import pytest
+
+    for item in items:
+        path = Path(str(item.fspath)).relative_to(REPO)
+        group = "report" if path.parts[:2] == ("tests", "report") else str(path)
+        item.add_marker(pytest.mark.xdist_group(group))
