@@ -42,6 +42,25 @@ def test_batched_equals_reference(model, runs, direction):
     _close(iterative_patching(bat, runs, layers, model.num_thoughts, direction), iterative_patching(ref, runs, layers, model.num_thoughts, direction))
 
 
+def test_prefix_reuse_skips_the_blocks_below_the_first_patch(model, runs):
+    """A variant joining at thought k with its first patch at block l takes its prefix row's
+    blocks below l at k (and their keys and values) instead of computing them: block 0 sees
+    fewer rows, and every metric is what the engine gives without reuse."""
+    layers, thoughts = all_layers(model), list(range(model.num_thoughts))
+    seen = []
+    hook = model.blocks[0].register_forward_hook(lambda mod, args, out: seen.append((out[0] if isinstance(out, tuple) else out).shape[0]))
+    try:
+        rows = {}
+        for reuse in (False, True):
+            seen.clear()
+            rows[reuse] = position_patching(BatchedEngine(model, reuse=reuse), runs, layers, thoughts)
+            rows[reuse, "block0"] = sum(seen)
+    finally:
+        hook.remove()
+    _close(rows[True], rows[False])
+    assert rows[True, "block0"] < rows[False, "block0"], (rows[True, "block0"], rows[False, "block0"])
+
+
 def test_small_batches_equal_one_batch(model, runs):
     layers, thoughts = all_layers(model), list(range(model.num_thoughts))
     _close(position_patching(BatchedEngine(model, max_batch=3), runs, layers, thoughts), position_patching(BatchedEngine(model), runs, layers, thoughts))

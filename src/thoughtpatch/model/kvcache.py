@@ -69,6 +69,7 @@ if DynamicLayer is not None:
 
         _kbuf: torch.Tensor | None = None
         _vbuf: torch.Tensor | None = None
+        grow_source: torch.Tensor | None = None  # set while rows join a step part-way (`set_grow`)
 
         def _fits(self, rows: int, positions: int) -> bool:
             return (
@@ -84,12 +85,17 @@ if DynamicLayer is not None:
                 self._kbuf = self._vbuf = None
                 return keys, values
             b, n, t = self.keys.shape[0], self.keys.shape[2], key_states.shape[2]
+            a = key_states.shape[0]  # < b: the rows past a take their source rows' new keys and values
             if not self._fits(b, n + t):
                 self._kbuf, self._vbuf = _room(self.keys, b, n + t + SPARE), _room(self.values, b, n + t + SPARE)
-            self._kbuf[:b, :, n : n + t] = key_states
-            self._vbuf[:b, :, n : n + t] = value_states
+            self._kbuf[:a, :, n : n + t] = key_states
+            self._vbuf[:a, :, n : n + t] = value_states
+            if a < b:
+                src = self.grow_source[a:b]  # type: ignore[index]
+                self._kbuf[a:b, :, n : n + t] = self._kbuf[src, :, n : n + t]
+                self._vbuf[a:b, :, n : n + t] = self._vbuf[src, :, n : n + t]
             self.keys, self.values = self._kbuf[:b, :, : n + t], self._vbuf[:b, :, : n + t]
-            return self.keys, self.values
+            return self.keys[:a], self.values[:a]
 
         def append_rows(self, src: torch.Tensor, room: int) -> None:
             b, n, count = self.keys.shape[0], self.keys.shape[2], src.shape[0]
@@ -118,6 +124,17 @@ def append_rows(cache: Any, src: torch.Tensor, room: int = 0) -> Any:
         return cache
     _set_layers(cache, [(with_copies(k, src), with_copies(v, src)) for k, v in cache_layers(cache)])
     return cache
+
+
+def grows(cache: Any) -> bool:
+    """Every layer of `cache` is a `GrowingLayer` (rows can join a step part-way)."""
+    return DynamicLayer is not None and hasattr(cache, "layers") and all(isinstance(lay, GrowingLayer) for lay in cache.layers)
+
+
+def set_grow(cache: Any, source: torch.Tensor | None) -> None:
+    """While a step runs with rows joining part-way: each row's source row (None: done)."""
+    for lay in cache.layers:
+        lay.grow_source = source
 
 
 def make_growing(cache: Any) -> Any:

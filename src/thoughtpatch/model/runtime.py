@@ -34,7 +34,7 @@ from torch import nn
 
 from thoughtpatch.errors import ThoughtpatchError
 from thoughtpatch.model.families import CODI, Arch, Family, last_number, submodule
-from thoughtpatch.model.kvcache import cache_layers, make_growing
+from thoughtpatch.model.kvcache import cache_layers, grows as _grows, make_growing, set_grow as _set_grow
 
 SITE_KINDS = ("input", "resid", "attn", "mlp", "head", "kv")
 HOOKED = ("resid", "attn", "mlp", "head")  # recorded by forward hooks inside the step
@@ -320,6 +320,30 @@ class Scored:
 
 
 @dataclass
+class _Grow:
+    """Rows that join a step part-way: block i computes the first `active[i]` rows of the
+    batch; a row past them holds its `source` row's values there (its own K/V included)."""
+
+    active: list[int]
+    source: torch.Tensor  # [B] a row's source row (itself for rows computed from the first block)
+
+    def rows(self, n: int, have: int) -> torch.Tensor:
+        """Indices taking a per-row tensor of `have` rows to the batch's first `n` rows."""
+        r = torch.arange(n, device=self.source.device)
+        return torch.where(r < have, r, self.source[:n])
+
+    def fit(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        """A per-row model input (mask, positions) for n rows; one row broadcasts (every
+        row then reads and sits as the first)."""
+        return t if t.shape[0] in (1, n) else t[self.rows(n, min(t.shape[0], n))]
+
+    def full(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-row output of the rows that computed it, for the whole batch."""
+        n = len(self.source)
+        return t if t.shape[0] == n else t[self.rows(n, t.shape[0])]
+
+
+@dataclass
 class _Step:
     """What the hooks do during one latent step."""
 
@@ -373,7 +397,9 @@ class ThoughtModel:
         self._step: _Step | None = None
         self._blocks: dict[int, list[Block]] = {}
         self._past = 0
+        self._grow: _Grow | None = None
         for i, block in enumerate(self.blocks):
+            block.register_forward_pre_hook(self._grow_hook(i), with_kwargs=True)
             block.register_forward_hook(self._output_hook("resid", i))
             attn = submodule(block, arch.attn)
             attn.register_forward_hook(self._output_hook("attn", i))
@@ -433,18 +459,49 @@ class ThoughtModel:
 
         return hook
 
+    def _grow_hook(self, layer: int):
+        """Pre-hook on block `layer`: rows that start computing at this block join the batch
+        as copies of their source rows' states here (see `think`'s `enter`)."""
+
+        def hook(_module, args, kwargs):
+            grow = self._grow
+            if grow is None:
+                return None
+            h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            cur, want = h.shape[0], grow.active[layer]
+            if want > cur:
+                h = torch.cat([h, h[grow.source[cur:want]]])
+                if "hidden_states" in kwargs:
+                    kwargs["hidden_states"] = h
+                else:
+                    args = (h, *args[1:])
+            for name in ("position_embeddings", "position_ids"):
+                v = kwargs.get(name)
+                if isinstance(v, tuple):
+                    kwargs[name] = tuple(grow.fit(t, want) for t in v)
+                elif isinstance(v, torch.Tensor):
+                    kwargs[name] = grow.fit(v, want)
+            return args, kwargs
+
+        return hook
+
     def _mask_hook(self, layer: int):
         """Pre-hook on block `layer`'s attention: knockouts become False entries of a boolean
         attention mask for this block alone (keys before this forward: `_past`)."""
 
         def hook(_module, args, kwargs):
             blocks = self._blocks.get(layer)
-            if not blocks:
+            grow = self._grow
+            if not blocks and grow is None:
                 return None
             h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             b, q = h.shape[:2]
-            kv = self._past + q
             am = kwargs.get("attention_mask")
+            if grow is not None and isinstance(am, torch.Tensor) and am.dim() == 4:
+                am = kwargs["attention_mask"] = grow.fit(am, b)  # the rows this block computes (a joining row reads what its source reads)
+            if not blocks:
+                return args, kwargs
+            kv = self._past + q
             if am is None:  # causal over [past + q] keys
                 qpos = torch.arange(self._past, kv, device=h.device)
                 allowed = (torch.arange(kv, device=h.device)[None, :] <= qpos[:, None])[None, None]
@@ -518,24 +575,25 @@ class ThoughtModel:
         positions or `attend` is given, the mask and the position ids are explicit (a 4-D
         boolean mask, which transformers passes to attention as it is); otherwise the model
         builds them as it always does."""
-        b, q = embeds.shape[:2]
+        b, q = embeds.shape[:2]  # b < batch size: the first b rows (see `think`'s `enter`)
+        rows = state.batch_size
         past = state.cache.get_seq_length()
         kw: dict[str, Any] = {"inputs_embeds": embeds}
         if hidden:
             kw["output_hidden_states"] = True
         if state.valid is not None or attend is not None:
             dev = embeds.device
-            old = state.valid if state.valid is not None else torch.ones(b, past, dtype=torch.bool, device=dev)
+            old = state.valid if state.valid is not None else torch.ones(rows, past, dtype=torch.bool, device=dev)
             if attend is None:
-                attend = torch.ones(q, q, dtype=torch.bool, device=dev).tril().expand(b, q, q)
-            kw["attention_mask"] = torch.cat([old[:, None, :].expand(b, q, past), attend], -1)[:, None]
+                attend = torch.ones(q, q, dtype=torch.bool, device=dev).tril().expand(rows, q, q)
+            kw["attention_mask"] = torch.cat([old[:, None, :].expand(rows, q, past), attend], -1)[:, None]
             if positions is None:
-                positions = old.sum(-1, keepdim=True) + torch.arange(q, device=dev)
+                positions = old[:b].sum(-1, keepdim=True) + torch.arange(q, device=dev)
             kw["position_ids"] = positions
         with _gqa_despite_mask(self.device), self._blocking(blocked, past):
             last, hidden_states, state.cache = self._body_forward(state.cache, **kw)
         if state.valid is not None:
-            state.valid = torch.cat([state.valid, state.valid.new_ones(b, q)], 1)
+            state.valid = torch.cat([state.valid, state.valid.new_ones(rows, q)], 1)
         return last, hidden_states
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -615,10 +673,25 @@ class ThoughtModel:
         record_logits: bool = True,
         record: tuple[str, ...] = (INPUT, "resid", "hidden"),
         blocked: list[Block] | tuple[Block, ...] = (),
+        enter: list[int] | None = None,
+        source: list[int] | None = None,
     ) -> LatentState:
         """Run thoughts state.step … until-1 (default: all K), consuming `state`'s cache.
         `record` names what to keep per thought (any of RECORDABLE); `blocked` knockouts apply
-        to every step run here."""
+        to every step run here.
+
+        `enter`/`source`: rows that are copies of row source[r], changed at this step only
+        from block enter[r] on (their patches and knockouts start there; L: only in what
+        later positions read, e.g. a kv patch). At the first step they are not computed
+        below that block: they join the batch there with their source's state, and take
+        its keys and values below it. `enter` must not decrease along the batch, and rows
+        that enter at block 0 are their own source."""
+        grow = None
+        if enter is not None and any(enter) and state.step < until:
+            if list(enter) != sorted(enter) or len(enter) != state.batch_size or not _grows(state.cache):
+                raise ValueError("think: enter needs one non-decreasing block index per row (and a growing cache)")
+            src = torch.tensor([r if e == 0 else source[r] for r, e in enumerate(enter)], device=self.device)  # type: ignore[index]
+            grow = _Grow([sum(1 for e in enter if e <= i) for i in range(self.num_layers)], src)
         until = self.num_thoughts if until is None else until
         by_thought: dict[int, list[Intervention]] = {}
         for iv in interventions:
@@ -634,11 +707,17 @@ class ThoughtModel:
                 else:
                     patches.setdefault((iv.site.kind, iv.site.layer), []).append(iv)  # type: ignore[arg-type]
             step = _Step(patches, {kind: [] for kind in HOOKED if kind in record})
-            self._step = step
+            now = grow if k == state.step else None
+            self._step, self._grow = step, now
+            if now is not None:
+                _set_grow(st.cache, now.source)
             try:
-                last, hidden_states = self._feed(st, z[:, None], blocked, hidden="hidden" in record)
+                last, hidden_states = self._feed(st, z[: now.active[0] if now else None, None], blocked, hidden="hidden" in record)
             finally:
-                self._step = None
+                self._step, self._grow = None, None
+                if now is not None:
+                    _set_grow(st.cache, None)
+            full = now.full if now is not None else (lambda t: t)
             kv_patches = {l: v for (kind, l), v in patches.items() if kind == "kv"}
             if kv_patches or "kv" in record:
                 layers = cache_layers(st.cache)
@@ -650,13 +729,13 @@ class ThoughtModel:
                     keys[:, :, -1], values[:, :, -1] = act[:, 0], act[:, 1]
                 if "kv" in record:
                     st.acts.setdefault("kv", []).append(torch.stack([torch.stack([kk[:, :, -1], vv[:, :, -1]], 1) for kk, vv in layers], 1))
-            h = last[:, -1]
+            h = full(last[:, -1])
             if INPUT in record:
                 st.acts.setdefault(INPUT, []).append(z)
             for kind, rec in step.record.items():
-                st.acts.setdefault(kind, []).append(torch.stack(rec, 1))
+                st.acts.setdefault(kind, []).append(torch.stack([full(t) for t in rec], 1))
             if "hidden" in record:
-                st.acts.setdefault("hidden", []).append(torch.stack([t[:, -1] for t in hidden_states], 1))
+                st.acts.setdefault("hidden", []).append(torch.stack([full(t[:, -1]) for t in hidden_states], 1))
             if record_logits:
                 st.acts.setdefault("logits", []).append(self.head(h).float())
             st.next_input = self.thought_from(h)

@@ -15,6 +15,7 @@ from typing import Callable, Literal, NamedTuple
 
 import torch
 
+from thoughtpatch.model.kvcache import grows as _grows
 from thoughtpatch.model.runtime import INPUT, Block, Generation, Intervention, LatentState, Site, ThoughtModel
 
 Readers = Literal["answer", "thoughts", "both"]
@@ -60,6 +61,16 @@ class Variant:
 
     def needs(self) -> set[int]:
         return {p.from_variant for p in self.patches if p.from_variant is not None}
+
+    def entry(self, num_thoughts: int, num_layers: int) -> int:
+        """The first block at which this variant's first changed thought differs from the
+        unpatched run's: an input patch changes every block, a patch or knockout at block l
+        leaves the blocks below it, a kv patch changes only what later positions read
+        (num_layers: nothing of the thought's own forward)."""
+        k = self.start(num_thoughts)
+        firsts = [0 if p.site.kind == INPUT else num_layers if p.site.kind == "kv" else p.site.layer for p in self.patches if p.site.thought == k]
+        firsts += [ko.layer for ko in self.knockouts if ko.start(num_thoughts) == k]
+        return min(firsts, default=num_layers)  # type: ignore[type-var]
 
 
 @dataclass(frozen=True, eq=False)
@@ -365,10 +376,11 @@ class BatchedEngine:
     memory: a position costs 2 × layers × KV heads × head dim × bytes per value of cache
     (32 KiB for LLaMA-3.2-1B in bf16), plus the read-out's logits."""
 
-    def __init__(self, model: ThoughtModel, max_batch: int | None = None, max_tokens: int | None = DEFAULT_MAX_TOKENS):
+    def __init__(self, model: ThoughtModel, max_batch: int | None = None, max_tokens: int | None = DEFAULT_MAX_TOKENS, reuse: bool = True):
         self.model = model
         self.max_batch = max_batch  # None = no row limit
         self.max_tokens = max_tokens  # None = no limit
+        self.reuse = reuse  # a joining variant reuses its prefix row's blocks below its first change
 
     def run(self, prompt, variants: list[Variant], target: Target, record: tuple[str, ...] = (INPUT, "resid")) -> list[Readout]:
         return self.run_many([Job(Prompt.of(prompt), variants, target)], record)[0]
@@ -450,22 +462,27 @@ class BatchedEngine:
         owners = list(dict.fromkeys(job_of[i] for i in sorted(ids)))
         prefix = {j: r for r, j in enumerate(owners)}
         # a variant that changes nothing is its prompt's prefix row (an unpatched run)
-        order = sorted((i for i in ids if _changes(variants[i])), key=lambda i: (variants[i].start(k_total), i))
+        # joining rows in order of the block they start computing at (see `ThoughtModel.think`)
+        order = sorted((i for i in ids if _changes(variants[i])), key=lambda i: (variants[i].start(k_total), variants[i].entry(k_total, m.num_layers), i))
         rows = [Variant()] * len(owners) + [variants[i] for i in order]
         row_of = {vid: row for row, vid in enumerate(order, start=len(owners))}
         starts = [variants[i].start(k_total) for i in order]
         running = m.encode([list(jobs[j].prompt.ids) for j in owners], embed_noise=[jobs[j].prompt.noise for j in owners])
         joined = len(owners)
+        reuse = self.reuse and _grows(running.cache)  # transformers without per-layer caches: every block
         for k in range(k_total + 1):
-            new = [prefix[job_of[i]] for i, s in zip(order, starts) if s == k]
+            new = [i for i, s in zip(order, starts) if s == k]
             if new:
-                running = running.join(new, room=len(rows) - joined - len(new))
-                joined += len(new)
+                running = running.join([prefix[job_of[i]] for i in new], room=len(rows) - joined - len(new))
             if k == k_total:
                 break
+            # the rows joining here compute this thought only from the block where they change
+            enter = [0] * joined + [variants[i].entry(k_total, m.num_layers) for i in new] if reuse else None
+            source = list(range(joined)) + [prefix[job_of[i]] for i in new]
+            joined += len(new)
             running = m.think(
                 running, interventions_at(rows[:joined], k, row_of), until=k + 1, record_logits=False, record=record,
-                blocked=blocks_at(rows[:joined], k, k_total, running.prompt_len),
+                blocked=blocks_at(rows[:joined], k, k_total, running.prompt_len), enter=enter, source=source,
             )
         running.blocked = blocks_at(rows, k_total, k_total, running.prompt_len)
         # the prefix rows are read out too (rows of many): they are the unpatched runs
