@@ -110,3 +110,16 @@ def make_tiny_coconut(root: Path, family: str = "gpt2", seed: int = 0) -> tuple[
     path = ckpt / "checkpoint_3"
     torch.save(sd, path)
     return path, base
+
+
+def load_tiny(root: Path, name: str):
+    """A loaded tiny model by name, `codi-llama`, `codi-gpt2`, `coconut-llama` or `coconut-gpt2`
+    (Coconut with K = 4: enough thoughts for every experiment, fewer variants)."""
+    from thoughtpatch.model import load_model
+
+    family, arch = name.split("-")
+    if family == "codi":
+        ckpt, base = make_tiny_codi(root, arch)
+        return load_model(ckpt, base=base)
+    ckpt, base = make_tiny_coconut(root, arch)
+    return load_model(ckpt, base=base, num_thoughts=4)

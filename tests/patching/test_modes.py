@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tests.rows import assert_rows_close as _close
-from tests.tiny import make_tiny_codi, make_tiny_coconut
+from tests.tiny import load_tiny
 from thoughtpatch.data.schema import Pair, Problem
-from thoughtpatch.model import INPUT, Site, load_model
+from thoughtpatch.model import INPUT, Site
 from thoughtpatch.patching.engine import BatchedEngine, Patch, ReferenceEngine, Variant
 from thoughtpatch.patching.experiments import Spec, all_layers, pair_runs, patch_pair, site_at, trace_runs
 from thoughtpatch.patching.modes import Mode, ModeContext, SiteStats, noise_for
@@ -26,13 +26,7 @@ PAIRS = [Pair(i, Problem(a, x), Problem(b, y)) for i, (a, x, b, y) in enumerate(
 
 @pytest.fixture(scope="module", params=["codi-llama", "coconut-gpt2"])
 def model(request, tmp_path_factory):
-    family, arch = request.param.split("-")
-    root = tmp_path_factory.mktemp(request.param)
-    if family == "codi":
-        ckpt, base = make_tiny_codi(root, arch)
-        return load_model(ckpt, base=base)
-    ckpt, base = make_tiny_coconut(root, arch)
-    return load_model(ckpt, base=base, num_thoughts=4)
+    return load_tiny(tmp_path_factory.mktemp(request.param), request.param)
 
 
 @pytest.fixture(scope="module")

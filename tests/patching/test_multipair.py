@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from tests.rows import assert_rows_close as _close
-from tests.tiny import make_tiny_codi, make_tiny_coconut
+from tests.tiny import load_tiny
 from thoughtpatch.data.schema import Pair, Problem
-from thoughtpatch.model import load_model
 from thoughtpatch.patching.engine import BatchedEngine, Prompt, ReferenceEngine, Target
 from thoughtpatch.patching.experiments import (
     PairRuns, Spec, all_layers, pair_runs, pairs_runs, patch_pair, patch_pairs, trace_noise, unpatched_run, unpatched_runs,
@@ -26,13 +25,7 @@ PAIRS = [Pair(i, Problem(a, x), Problem(b, y)) for i, (a, x, b, y) in enumerate(
 
 @pytest.fixture(scope="module", params=["codi-llama", "codi-gpt2", "coconut-llama", "coconut-gpt2"])
 def model(request, tmp_path_factory):
-    family, arch = request.param.split("-")
-    root = tmp_path_factory.mktemp(request.param)
-    if family == "codi":
-        ckpt, base = make_tiny_codi(root, arch)
-        return load_model(ckpt, base=base)
-    ckpt, base = make_tiny_coconut(root, arch)
-    return load_model(ckpt, base=base, num_thoughts=4)
+    return load_tiny(tmp_path_factory.mktemp(request.param), request.param)
 
 
 @pytest.fixture(scope="module")

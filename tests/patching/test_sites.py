@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from tests.rows import assert_rows_close as _close
-from tests.tiny import make_tiny_codi, make_tiny_coconut
+from tests.tiny import load_tiny
 from thoughtpatch.data.schema import Pair, Problem
-from thoughtpatch.model import INPUT, Site, load_model
+from thoughtpatch.model import INPUT, Site
 from thoughtpatch.model.families import submodule
 from thoughtpatch.patching.engine import BatchedEngine, Knockout, Patch, ReferenceEngine, Variant
 from thoughtpatch.patching.experiments import Spec, all_layers, locations, pair_runs, patch_pair, site_at
@@ -25,13 +25,7 @@ KINDS = ("resid", "attn", "mlp", "head", "kv")
 
 @pytest.fixture(scope="module", params=["codi-llama", "codi-gpt2", "coconut-llama", "coconut-gpt2"])
 def model(request, tmp_path_factory):
-    family, arch = request.param.split("-")
-    root = tmp_path_factory.mktemp(request.param)
-    if family == "codi":
-        ckpt, base = make_tiny_codi(root, arch)
-        return load_model(ckpt, base=base)
-    ckpt, base = make_tiny_coconut(root, arch)
-    return load_model(ckpt, base=base, num_thoughts=4)
+    return load_tiny(tmp_path_factory.mktemp(request.param), request.param)
 
 
 @pytest.fixture(scope="module")

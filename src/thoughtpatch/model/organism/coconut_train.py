@@ -38,7 +38,7 @@ from thoughtpatch.model.organism.latent import coconut_pass
 from thoughtpatch.model.organism.model import OrganismConfig, build_coconut_organism
 from thoughtpatch.model.organism.tokenizer import COCONUT_EXTRA, build_tokenizer
 from thoughtpatch.model.organism.train import (
-    DEFAULT_MINUTES, Encoder, Example, _ce, _pad, heldout_questions, heldout_set, optimise, setup_determinism,
+    DEFAULT_MINUTES, Encoder, Example, _ce, _pad, determinism, heldout_questions, heldout_set, optimise,
     training_batches,
 )
 
@@ -144,17 +144,11 @@ def train_coconut(cfg: CoconutTrainConfig, out_dir: str | Path | None = None, pr
                   stop_after: int | None = None):
     """Train; save the organism to out_dir when given. Returns (hf, tok, log); `tok` holds the
     three markers. Same thread/determinism handling as the CODI organism's `train`."""
-    saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
-    try:
+    with determinism(cfg.threads):
         return _train(cfg, out_dir, progress, on_step, eval_problems, stop_after)
-    finally:
-        torch.set_num_threads(saved[0])
-        torch.use_deterministic_algorithms(saved[1])
-        torch.utils.deterministic.fill_uninitialized_memory = saved[2]
 
 
 def _train(cfg: CoconutTrainConfig, out_dir, progress: bool, on_step, eval_problems, stop_after):
-    setup_determinism(cfg.threads)
     tok = build_tokenizer(COCONUT_EXTRA)
     tok.add_tokens(list(COCONUT_MARKERS))  # as Coconut's run.py: ids V0, V0 + 1, V0 + 2
     ids = tuple(tok.convert_tokens_to_ids(list(COCONUT_MARKERS)))

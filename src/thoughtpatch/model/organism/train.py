@@ -15,6 +15,8 @@ the first s CoT steps (s = 1 from 15 %, s = 2 from 30 %); full CODI with K thoug
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import math
 import random
 import time
@@ -226,6 +228,19 @@ def setup_determinism(threads: int) -> None:
     # reads uninitialised memory, so skip it.
     torch.utils.deterministic.fill_uninitialized_memory = False
 
+@contextmanager
+def determinism(threads: int):
+    """Training's thread count and deterministic mode for the `with` block; the caller's
+    settings come back afterwards (tests train in the same process as everything else)."""
+    saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    try:
+        setup_determinism(threads)
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1])
+        torch.utils.deterministic.fill_uninitialized_memory = saved[2]
+
 
 def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = True,
           on_step: Callable[[int, dict], None] | None = None, eval_problems: int | None = None,
@@ -234,17 +249,11 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
     `stop_after` ends the run early with the schedule of the full cfg.steps (to check that
     two runs agree step by step). Sets torch's thread count and deterministic mode for the
     run, then restores them."""
-    saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
-    try:
+    with determinism(cfg.threads):
         return _train(cfg, out_dir, progress, on_step, eval_problems, stop_after)
-    finally:
-        torch.set_num_threads(saved[0])
-        torch.use_deterministic_algorithms(saved[1])
-        torch.utils.deterministic.fill_uninitialized_memory = saved[2]
 
 
 def _train(cfg: TrainConfig, out_dir, progress: bool, on_step, eval_problems, stop_after):
-    setup_determinism(cfg.threads)
     tok = build_tokenizer()
     hf, prj = build_organism(cfg.model, tok, cfg.seed)
     v0 = len(tok)
