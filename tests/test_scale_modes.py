@@ -18,9 +18,9 @@ from thoughtpatch.sweep import RunConfig, run_experiments
 
 quiet = lambda s: None  # noqa: E731
 KINDS = {
-    "noise": dict(experiments=["position"], mode="noise", noise_scale=0.5, seed=3, layers="0-1"),
-    "resample": dict(experiments=["position"], mode="resample", layers="0-1"),
-    "trace": dict(experiments=["trace"], layers="0-1", seed=3),
+    "noise": dict(experiments=["position"], mode="noise", noise_scale=0.5, seed=3, layers="0-1", thoughts="0-2"),
+    "resample": dict(experiments=["position"], mode="resample", layers="0-1", thoughts="0-2"),
+    "trace": dict(experiments=["trace"], layers="0-1", thoughts="0-2", seed=3),
 }
 
 

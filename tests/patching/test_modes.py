@@ -112,8 +112,14 @@ def test_noise_scale_zero_is_a_no_op_and_a_seed_reproduces(model, runs, stats):
     assert sigma > 0 and abs(float(va.std()) / sigma - 1) < 0.5  # σ = ν × the site's spread
 
 
-@pytest.mark.parametrize("mode", ["zero", "mean", "resample", "add", "noise"])
-@pytest.mark.parametrize("site", ["resid", "head", "kv"])
+# Every mode on resid, and each mode on one of the other hook kinds (head: inside attention;
+# kv: the cache): how a site receives its value is the same code for every mode, and
+# tests/patching/test_sites.py compares every site kind with the reference engine.
+@pytest.mark.parametrize(
+    "mode, site",
+    [(m, "resid") for m in ("zero", "mean", "resample", "add", "noise")]
+    + [("zero", "head"), ("mean", "kv"), ("resample", "head"), ("add", "kv"), ("noise", "head"), ("noise", "kv")],
+)
 def test_batched_equals_reference_every_mode(model, runs, stats, mode, site):
     m = Mode(mode, vector="diff" if mode == "add" else None)
     ctx = ModeContext(m, stats=stats)
