@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -11,8 +10,25 @@ import pytest
 from tests.conftest import FIXTURES
 
 
-def _run(*args):
-    return subprocess.run([sys.executable, "-m", "thoughtpatch", *args], capture_output=True, text=True)
+@pytest.fixture
+def _run(monkeypatch, capsys):
+    """The `thoughtpatch` entry point in this process (a subprocess would spend seconds on
+    imports): returncode, stdout and stderr as subprocess.run gives them."""
+    from types import SimpleNamespace
+
+    from thoughtpatch.cli import main
+
+    def run(*args: str):
+        monkeypatch.setattr(sys, "argv", ["thoughtpatch", *args])
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code or 0
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +37,7 @@ def ref():
     return root, json.loads((root / "manifest.json").read_text())
 
 
-def test_trace_writes_codi_tensors(ref, tmp_path):
+def test_trace_writes_codi_tensors(ref, tmp_path, _run):
     from safetensors.torch import load_file
 
     root, manifest = ref
@@ -38,7 +54,7 @@ def test_trace_writes_codi_tensors(ref, tmp_path):
     assert t["answer_token_ids"].tolist() == want["fp32_b1.q1.answer_token_ids"].tolist()
 
 
-def test_trace_thoughts_flag(ref, tmp_path):
+def test_trace_thoughts_flag(ref, tmp_path, _run):
     root, manifest = ref
     from safetensors.torch import load_file
 
@@ -52,7 +68,7 @@ def test_trace_thoughts_flag(ref, tmp_path):
     assert r.returncode == 2 and "--num-thoughts" in r.stderr and r.stderr.strip().count("\n") == 0
 
 
-def test_inspect_prints_lens_table(ref):
+def test_inspect_prints_lens_table(ref, _run):
     root, manifest = ref
     r = _run("inspect", "--model", str(root / "ckpt/llama"), "--base", str(root / "bases/tiny-llama"), "--lora-alpha", "4", "-q", manifest["questions"][0]["question"], "--max-new-tokens", "5")
     assert r.returncode == 0, r.stderr[-1500:]
@@ -60,7 +76,7 @@ def test_inspect_prints_lens_table(ref):
         assert row in r.stdout
 
 
-def test_bad_dtype_is_one_line(ref, tmp_path):
+def test_bad_dtype_is_one_line(ref, tmp_path, _run):
     root, _ = ref
     r = _run("trace", "--model", str(root / "ckpt/llama"), "--base", str(root / "bases/tiny-llama"), "-q", "x", "--out", str(tmp_path / "x.safetensors"), "--dtype", "float8")
     assert r.returncode == 2 and r.stderr.strip().startswith("error: --dtype") and r.stderr.strip().count("\n") == 0
