@@ -23,7 +23,11 @@ def pytest_collection_modifyitems(config, items):
     built once), and so do all of tests/report, whose session fixtures are whole runs."""
     import pytest
 
+    def in_report(item) -> bool:
+        return Path(str(item.fspath)).relative_to(REPO).parts[:2] == ("tests", "report")
+
     for item in items:
-        path = Path(str(item.fspath)).relative_to(REPO)
-        group = "report" if path.parts[:2] == ("tests", "report") else str(path)
-        item.add_marker(pytest.mark.xdist_group(group))
+        item.add_marker(pytest.mark.xdist_group("report" if in_report(item) else str(Path(str(item.fspath)).relative_to(REPO))))
+    # The report group is the largest unit: first, so that one worker starts on it while the
+    # other takes the many small modules (otherwise it may start last and run alone).
+    items.sort(key=lambda item: not in_report(item))
