@@ -9,7 +9,7 @@ import torch
 from tests.rows import assert_rows_close as _close
 from tests.tiny import load_tiny
 from thoughtpatch.data.schema import Pair, Problem
-from thoughtpatch.patching.engine import BatchedEngine, Prompt, ReferenceEngine, Target
+from thoughtpatch.patching.engine import BatchedEngine, Prompt, Target
 from thoughtpatch.patching.experiments import (
     PairRuns, Spec, all_layers, pair_runs, pairs_runs, patch_pair, patch_pairs, trace_noise, unpatched_run, unpatched_runs,
 )
@@ -75,10 +75,10 @@ EXPS = ["layer", "position", "iterative", "knockout"]
 @pytest.mark.parametrize("direction", ["denoising", "noising"])
 def test_many_pairs_equal_one_pair_at_a_time(model, runs, direction):
     """Every experiment (Exp 2's linked variants and knockouts included) for three pairs in
-    one engine call equals each pair alone through the reference engine; in small batches
-    that mix prompts, too."""
+    one engine call equals each pair alone; in small batches that mix prompts, too. (A pair
+    alone equals the reference engine: tests/patching/test_engine.py and test_sites.py.)"""
     spec = Spec("resid", tuple(all_layers(model)), tuple(range(model.num_thoughts)), direction, readers="both", knock_on=("clean", "corrupted"))
-    want = [patch_pair(ReferenceEngine(model), r, EXPS, spec) for r in runs]
+    want = [patch_pair(BatchedEngine(model), r, EXPS, spec) for r in runs]
     for engine in (BatchedEngine(model), BatchedEngine(model, max_tokens=400)):
         got = patch_pairs(engine, runs, EXPS, spec)
         assert len(got) == len(runs)
