@@ -6,10 +6,10 @@ of {"question", "answer": number}, or a pair file (its clean questions)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from thoughtpatch.data.schema import Pair, Problem, parse_answer, read_text
+from thoughtpatch.data.formats import read_rows
+from thoughtpatch.data.schema import Pair, Problem, parse_answer
 from thoughtpatch.errors import ThoughtpatchError
 
 
@@ -27,20 +27,7 @@ def _answer(v, where: str):
 def load_questions(path: str | Path) -> list[Pair]:
     """Trace units from a question file (see the module doc); ids count from 0 in file order."""
     path = Path(path)
-    text = read_text(path)
-    if not text.strip():
-        raise ThoughtpatchError(f"{path}: empty file")
-    try:
-        data = json.loads(text)
-        rows = list(enumerate(data)) if isinstance(data, list) else [("line 1", data)]
-    except json.JSONDecodeError:
-        rows = []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append((f"line {n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ThoughtpatchError(f"{path}, line {n}: malformed JSON at column {e.colno}: {e.msg}") from None
+    rows = read_rows(path)  # JSON list, {"pairs": [...]} or JSON lines: the pair files' reader
     if rows and isinstance(rows[0][1], dict) and ("clean" in rows[0][1] or "variant" in rows[0][1]):
         from thoughtpatch.data.schema import load_pairs
 
