@@ -31,14 +31,9 @@ def make_tokenizer(out: Path, bos: bool) -> int:
     return len(vocab)
 
 
-def make_tiny_codi(
-    root: Path, family: str = "llama", lora_r: int = 4, prj_dim: int = 24, seed: int = 0, fmt: str = "bin"
-) -> tuple[Path, Path]:
-    """Write base/ (config + tokenizer) and ckpt/ (CODI state dict) under root; return both."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
-
-    from thoughtpatch.model.loader import build_prj
+def _tiny_base(root: Path, family: str, seed: int):
+    """Seed, make base/ (tokenizer) and ckpt/ under root; (base, ckpt, V0, the tiny config)."""
+    from transformers import GPT2Config, LlamaConfig
 
     torch.manual_seed(seed)
     base, ckpt = root / "base", root / "ckpt"
@@ -50,9 +45,24 @@ def make_tiny_codi(
             vocab_size=v0, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
         )
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     else:
         cfg = GPT2Config(vocab_size=v0, n_embd=32, n_layer=3, n_head=4, n_positions=512, bos_token_id=2, eos_token_id=2)
+    return base, ckpt, v0, cfg
+
+
+def make_tiny_codi(
+    root: Path, family: str = "llama", lora_r: int = 4, prj_dim: int = 24, seed: int = 0, fmt: str = "bin"
+) -> tuple[Path, Path]:
+    """Write base/ (config + tokenizer) and ckpt/ (CODI state dict) under root; return both."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from thoughtpatch.model.loader import build_prj
+
+    base, ckpt, v0, cfg = _tiny_base(root, family, seed)
+    if family == "llama":
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    else:
         targets = ["c_attn", "c_proj", "c_fc"]
     cfg.save_pretrained(base)
     lm = AutoModelForCausalLM.from_config(cfg)
@@ -84,20 +94,9 @@ def make_tiny_codi(
 def make_tiny_coconut(root: Path, family: str = "gpt2", seed: int = 0) -> tuple[Path, Path]:
     """Write base/ (config + tokenizer, no markers) and ckpt/checkpoint_3 (Coconut's raw
     state dict, fp32, V0 + 3 rows) under root; return (checkpoint file, base)."""
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(seed)
-    base, ckpt = root / "base", root / "ckpt"
-    base.mkdir(parents=True, exist_ok=True)
-    ckpt.mkdir(parents=True, exist_ok=True)
-    v0 = make_tokenizer(base, bos=family == "llama")
-    if family == "llama":
-        cfg = LlamaConfig(
-            vocab_size=v0, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-        )
-    else:
-        cfg = GPT2Config(vocab_size=v0, n_embd=32, n_layer=3, n_head=4, n_positions=512, bos_token_id=2, eos_token_id=2)
+    base, ckpt, v0, cfg = _tiny_base(root, family, seed)
     cfg.save_pretrained(base)
     lm = AutoModelForCausalLM.from_config(cfg)
     lm.resize_token_embeddings(v0 + 3, mean_resizing=False)
