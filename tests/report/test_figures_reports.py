@@ -132,6 +132,41 @@ def test_log_axis_rule():
     assert cell_text(5.53e-6) == "5.5e-6" and cell_text(0.1234) == "0.123" and cell_text(float("nan")) == ""
 
 
+def test_exp2_kl_page_starts_on_log_when_the_decay_spans_decades(run_dir, tmp_path):
+    """The tiny run's Exp 2 KL spans < 2 decades: its page starts linear. The same run with
+    each iteration's KL 100× below the last (10 decades, as Exp 2's chain decays) starts on log."""
+    from tests.report.pages import plotly_figures
+    from thoughtpatch.report.figures import iterative_html, log_wanted
+    from thoughtpatch.report.results import read_rows, write_summary
+    from thoughtpatch.report.rundata import load_run
+
+    def kl_axes(page: Path) -> list[tuple[str, bool, int]]:
+        """(y axis type, whether the rule asks for log, active scale button) of each KL line plot."""
+        out = []
+        for fig in plotly_figures(page):
+            if fig["layout"]["meta"]["metric"] == "kl":
+                ys = [v for t in fig["data"] for v in t["y"] if v is not None]
+                out.append((fig["layout"]["yaxis"]["type"], log_wanted("kl", ys), fig["layout"]["updatemenus"][-1]["active"]))
+        return out
+
+    (page,) = iterative_html(load_run(run_dir), tmp_path / "as-run")
+    assert kl_axes(page) == [("linear", False, 0)] * 2  # per-iteration lines, Exp 1 vs Exp 2 vs layer
+
+    copy = tmp_path / "decay"
+    copy.mkdir()
+    for name in ("manifest.json", "pairs.json", "checks.json"):
+        shutil.copy2(run_dir / name, copy / name)
+    for exp in ("layer", "position", "iterative"):
+        rows = read_rows(run_dir / exp / "results.jsonl")
+        if exp == "iterative":
+            rows = [r | {"kl": r["kl"] * 100.0 ** -r["iteration"]} for r in rows]
+        (copy / exp).mkdir()
+        (copy / exp / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_summary(copy / exp / "summary.json", rows, exp)
+    (page,) = iterative_html(load_run(copy), tmp_path / "decay-figures")
+    assert kl_axes(page) == [("log", True, 1)] * 2
+
+
 def test_per_pair_sheets_readable_at_report_width(run_dir, tmp_path):
     """13 pairs: two sheets a metric (12 + 1), each titled ≥ 10 px when shown 900 px wide."""
     from matplotlib.image import imread
