@@ -75,6 +75,7 @@ def check_pages(run: Path) -> list[str]:
     from plotly.offline import get_plotlyjs
 
     from tests.report.pages import plotly_figures
+    from thoughtpatch.report.intervals import metric_range
 
     figures = run / "figures"
     assert (figures / "plotly.min.js").read_text(encoding="utf-8") == get_plotlyjs()
@@ -91,6 +92,8 @@ def check_pages(run: Path) -> list[str]:
             if meta["metric"].startswith("kl") and lines:  # KL line plots: a linear/log switch
                 labels = [b["label"] for menu in fig["layout"]["updatemenus"] for b in menu["buttons"]]
                 assert {"linear", "log"} <= set(labels), fig["id"]
+            if lines and metric_range(meta["metric"])[0] == 0:  # no axis padding below 0 (a rate's −0.02 tick)
+                assert fig["layout"]["yaxis"].get("rangemode") == "nonnegative", (page.name, fig["id"])
     return [p.name for p in pages]
 
 
