@@ -162,12 +162,15 @@ def test_exp2_kl_page_starts_on_log_when_the_decay_spans_decades(run_dir, tmp_pa
     for exp in ("layer", "position", "iterative"):
         rows = read_rows(run_dir / exp / "results.jsonl")
         if exp == "iterative":
-            rows = [r | {"kl": r["kl"] * 100.0 ** -r["iteration"]} for r in rows]
+            rows = [r | {"kl": 0.0 if (r["layer"], r["iteration"]) == (0, 3) else r["kl"] * 100.0 ** -r["iteration"]} for r in rows]
         (copy / exp).mkdir()
         (copy / exp / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         write_summary(copy / exp / "summary.json", rows, exp)
     (page,) = iterative_html(load_run(copy), tmp_path / "decay-figures")
     assert kl_axes(page) == [("log", True, 1)] * 2
+    # layer 0's mean at iteration 3 is exactly 0: the log axis cannot draw it, and the title says so
+    lines = next(f for f in plotly_figures(page) if f["layout"]["meta"] == {"metric": "kl", "experiment": "iterative"})
+    assert "1 mean exactly 0, not drawn on the log axis" in lines["layout"]["title"]["text"]
 
 
 def test_per_pair_sheets_readable_at_report_width(run_dir, tmp_path):

@@ -858,8 +858,12 @@ def _lines_fig(data: RunData, exp: str, metric: str, xname: str, groups: list, x
     for g in groups:
         fig.add_trace(_trace(data, exp, [key(g, x) for x in xs], metric, xs, group_name(g), xname))
     means = [v for t in fig.data for v in t.y if v is not None]
+    title = _bars_title(data, exp, metric)
+    zeros = sum(v == 0 for v in means)
+    if zeros and log_wanted(metric, means):  # a log axis cannot draw 0: say so rather than leave a silent gap
+        title["text"] += f"; {zeros} mean{'s' if zeros > 1 else ''} exactly 0, not drawn on the log axis (switch to linear)"
     fig.update_layout(xaxis_title=xname, yaxis_title=SHORT[metric], height=440, margin={"t": 50}, meta={"metric": metric, "experiment": exp},
-                      updatemenus=_scale_menu(fig, metric, means), title=_bars_title(data, exp, metric))
+                      updatemenus=_scale_menu(fig, metric, means), title=title)
     _y_range(fig, metric)
     return fig
 
