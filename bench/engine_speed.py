@@ -74,7 +74,7 @@ def max_diffs(a: list[dict], b: list[dict], relative: bool = False) -> dict[str,
     return worst
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="mid-size shape instead of LLaMA-3.2-1B")
     ap.add_argument("--shape", choices=sorted(SHAPES), help="explicit shape (overrides --quick)")
@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeat", type=int, default=3, help="timed batched passes, their median taken (after an untimed warm-up pass of the same size)")
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     shape = SHAPES[args.shape or ("mid" if args.quick else "llama-3.2-1b")]
     n_pairs = args.pairs or (2 if args.quick else 1)
@@ -135,6 +135,7 @@ def main() -> None:
         "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     print(json.dumps(out))
+    return out
 
 
 if __name__ == "__main__":

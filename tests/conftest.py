@@ -31,3 +31,27 @@ def pytest_collection_modifyitems(config, items):
     # The report group is the largest unit: first, so that one worker starts on it while the
     # other takes the many small modules (otherwise it may start last and run alone).
     items.sort(key=lambda item: not in_report(item))
+
+
+def run_cli(*args: str):
+    """The `thoughtpatch` entry point in this process, as subprocess.run would report it
+    (returncode, stdout, stderr): a subprocess spends seconds on imports. Tests of process
+    behaviour (a kill, a lock, a launcher, the console script) start a real process."""
+    import contextlib
+    import io
+    import sys
+    from types import SimpleNamespace
+
+    import pytest
+
+    from thoughtpatch.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        mp.setattr(sys, "argv", ["thoughtpatch", *args])
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code or 0
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

@@ -4,13 +4,11 @@ hand equal to the engine's."""
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import thoughtpatch as tp
+from tests.conftest import run_cli
 from tests.rows import assert_rows_close
 from thoughtpatch.patching.engine import BatchedEngine, Patch, ReferenceEngine, Variant
 from thoughtpatch.patching.experiments import pair_runs
@@ -31,15 +29,14 @@ def api_run(toy):
 @pytest.fixture(scope="module")
 def cli_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
-    r = subprocess.run([sys.executable, "-m", "thoughtpatch", "run", "--test-mode", "--out", str(out), "--wandb", "disabled", "--no-report"],
-                       capture_output=True, text=True)
+    r = run_cli("run", "--test-mode", "--out", str(out), "--wandb", "disabled", "--no-report")
     assert r.returncode == 0, r.stderr
     return out
 
 
 def test_import_and_reprs_are_short(toy, api_run):
-    r = subprocess.run([sys.executable, "-c", "import thoughtpatch as tp; print(tp.load('toy'))"], capture_output=True, text=True)
-    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1 and r.stdout.startswith("ThoughtModel('toy'")
+    shown = str(toy)  # what print(tp.load("toy")) shows
+    assert len(shown.splitlines()) == 1 and shown.startswith("ThoughtModel('toy'")
     for obj in (toy, tp.load_pairs("toy"), toy.run("tom has 3 apples . how many apples ?"), api_run):
         text = repr(obj)
         assert "\n" not in text and len(text) < 250 and "tensor(" not in text, text
@@ -53,7 +50,7 @@ def test_api_equals_cli_and_open_run(api_run, cli_dir):
     for exp in EXPS:
         a = api_run.to_pandas(exp).to_dict("records")
         b = cli.to_pandas(exp).to_dict("records")
-        # the CLI process and this one add in the same order (same shapes, same threads): equal
+        # the command and tp.run add in the same order (same shapes, same threads): equal
         assert_rows_close(a, b, tol=1e-6)
         assert_rows_close(a, api_run.data.rows[exp], tol=0.0)
     g1, g2 = api_run.grid("position", "kl"), cli.grid("position", "kl")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import run_cli
 from tests.tiny import make_tiny_codi
 from thoughtpatch.errors import ThoughtpatchError
 from thoughtpatch.report.results import read_rows
@@ -105,11 +106,11 @@ def test_recovered_summary_is_ratio_of_means(full_run):
 def test_resume_after_sigkill_is_identical(tiny, full_run, tmp_path):
     ckpt, base, pairs = tiny
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "thoughtpatch", "run", "--model", str(ckpt), "--base", str(base), "--pairs", str(pairs), "--out", str(out), "--wandb", "disabled", "--max-new-tokens", "6", "--no-report"]
-    # Compared bit for bit with `full_run`, made in this process: the runs use its thread
+    args = ["run", "--model", str(ckpt), "--base", str(base), "--pairs", str(pairs), "--out", str(out), "--wandb", "disabled", "--max-new-tokens", "6", "--no-report"]
+    # Compared bit for bit with `full_run`, made in this process: the killed run uses its thread
     # count, since another count makes torch's CPU kernels add in another order.
     env = os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "thoughtpatch", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     target = out / "position" / "results.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -121,7 +122,7 @@ def test_resume_after_sigkill_is_identical(tiny, full_run, tmp_path):
     proc.wait()
     n_before = len(target.read_text().splitlines())
     assert 0 < n_before < 8 * 16
-    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env)
+    r = run_cli(*args, "--resume")  # in this process; the killed run left its lock file behind
     assert r.returncode == 0, r.stderr[-2000:]
     for exp in ("layer", "position", "iterative"):
         a = sorted(read_rows(out / exp / "results.jsonl"), key=lambda r: json.dumps([r["pair_id"], str(r["layer"]), r.get("thought"), r.get("iteration")]))

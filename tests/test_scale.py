@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from tests.conftest import run_cli
 from tests.test_run import _pairs
 from tests.tiny import make_tiny_codi
 from thoughtpatch.errors import ThoughtpatchError
@@ -21,6 +23,21 @@ from thoughtpatch.sweep import RunConfig, parse_shard, run_experiments
 
 N_PAIRS = 5
 quiet = lambda s: None  # noqa: E731
+
+
+# The launched workers (test_accelerate_two_cpu_processes) and the run they are compared with
+# must run under the same thread settings: torch's CPU kernels split their sums by thread, so
+# one thread and torch's default (one per core) add in another order and differ in the last
+# bits. Each worker has one thread, and so has every run this module makes in its own process.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +142,7 @@ def test_merge_refuses(shards, tmp_path):
     with pytest.raises(ThoughtpatchError, match="already holds a run"):
         merge_runs([s0, s1], tmp_path / "f", log=quiet)
     # The command line: one line, exit status 2.
-    r = subprocess.run([sys.executable, "-m", "thoughtpatch", "merge", str(s0), "--out", str(tmp_path / "g")], capture_output=True, text=True)
+    r = run_cli("merge", str(s0), "--out", str(tmp_path / "g"))
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "leave out" in r.stderr
 
 
@@ -159,29 +176,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# The launched workers and the run they are compared with must run under the same thread
-# settings: torch's CPU kernels split their sums by thread, so one thread and torch's default
-# (one per core) add in another order and differ in the last bits. `whole` runs in this
-# process with the default threads; the comparison for the launched workers is made in its
-# own process with one thread, as each worker has.
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-
-
 def _run_args(tiny, out: Path) -> list[str]:
     ckpt, base, pairs = tiny
     return ["-m", "thoughtpatch", "run", "--model", str(ckpt), "--base", str(base), "--pairs", str(pairs), "--out", str(out), "--wandb", "disabled", "--max-new-tokens", "6"]
 
 
-@pytest.fixture(scope="module")
-def whole_one_thread(tiny, tmp_path_factory):
-    """The unsharded run, in a process of its own with one thread."""
-    out = tmp_path_factory.mktemp("whole1") / "run"
-    r = subprocess.run([sys.executable, *_run_args(tiny, out), "--no-report"], capture_output=True, text=True, env=os.environ | ONE_THREAD, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
-
-
-def test_accelerate_two_cpu_processes(tiny, whole_one_thread, tmp_path):
+def test_accelerate_two_cpu_processes(tiny, whole, tmp_path):
     """`accelerate launch` with two CPU processes: each runs a shard, rank 0 merges.
     (accelerate's `--cpu` flag starts one process unless mpirun is used; `--multi_gpu` with
     ACCELERATE_USE_CPU=1 starts two torch.distributed workers that talk over gloo.)"""
@@ -195,7 +195,7 @@ def test_accelerate_two_cpu_processes(tiny, whole_one_thread, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "shard-0-of-2" / "manifest.json").is_file() and (out / "shard-1-of-2" / "manifest.json").is_file()
-    assert_same_run(out, whole_one_thread)
+    assert_same_run(out, whole)
     m = json.loads((out / "manifest.json").read_text())
     assert [s["n"] for s in m["merged_from"]] == [3, 2]
     assert (out / "reports").is_dir() and (out / "DATA_INVENTORY.md").is_file()  # rank 0 reports the merged run

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, run_cli
 from thoughtpatch.model import load_model
 
 TOL = 1e-4
@@ -72,19 +72,13 @@ def test_prompt_pass_matches_coconut(golden):
 
 
 def test_trace_cli_writes_coconuts_tensors_with_no_family_flag(golden, tmp_path):
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
 
     _, manifest, info, t = golden
     root = FIXTURES / "coconut"
     out = tmp_path / "q0.safetensors"
-    r = subprocess.run(
-        [sys.executable, "-m", "thoughtpatch", "trace", "--model", str(root / info["checkpoint_file"]), "--base", str(root / info["base_dir"]),
-         "-q", manifest["questions"][0]["question"], "--out", str(out)],
-        capture_output=True, text=True,
-    )
+    r = run_cli("trace", "--model", str(root / info["checkpoint_file"]), "--base", str(root / info["base_dir"]),
+                "-q", manifest["questions"][0]["question"], "--out", str(out))
     assert r.returncode == 0, r.stderr
     got = load_file(str(out))
     assert got["input_ids"].tolist() == t["fp32_b1.q0.input_ids"].tolist()  # the whole eval prompt, markers included

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from tests.conftest import run_cli
 from tests.tiny import make_tiny_codi
 from thoughtpatch.errors import ThoughtpatchError
 from thoughtpatch.model import load_model
@@ -148,10 +147,7 @@ def test_damaged_checkpoint_names_the_cause(tmp_path, tiny):
 
 def test_cli_error_is_one_line(tiny, tmp_path):
     ckpt, _ = tiny
-    r = subprocess.run(
-        [sys.executable, "-m", "thoughtpatch", "trace", "--model", str(ckpt), "--base", str(tmp_path / "nope"), "--question", "x", "--out", str(tmp_path / "t.safetensors")],
-        capture_output=True, text=True,
-    )
+    r = run_cli("trace", "--model", str(ckpt), "--base", str(tmp_path / "nope"), "--question", "x", "--out", str(tmp_path / "t.safetensors"))
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "not found" in r.stderr
     assert not (tmp_path / "t.safetensors").exists()

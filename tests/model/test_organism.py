@@ -53,10 +53,11 @@ def test_eval_cli_json():
     import thoughtpatch.cli.evaluate  # noqa: F401  (registers `eval`)
     from thoughtpatch.cli import app
 
-    r = CliRunner().invoke(app, ["eval", "--model", "toy", "--n", "9", "--json"])
+    # one problem per number of steps (the held-out set is ordered by steps)
+    r = CliRunner().invoke(app, ["eval", "--model", "toy", "--n", "3", "--json"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert res["n"] == 9
+    assert res["n"] == 3
     assert set(res["accuracy"]) == {"with_thoughts", "thoughts_zeroed", "thoughts_mean", "thoughts_resample", "no_thoughts", "cot"}
     for v in res["accuracy"].values():
         assert 0 <= v["all"] <= 1 and set(v["steps"]) == {"1", "2", "3"}

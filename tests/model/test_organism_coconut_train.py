@@ -161,7 +161,7 @@ def test_checkpoint_has_coconuts_keys_and_runs_in_the_runtime(tmp_path):
     from thoughtpatch.model import load_model
     from thoughtpatch.model.organism.latent import coconut_pass
 
-    hf, tok, _ = train_coconut(tiny(4, stages=(0.0, 0.0, 0.0, 0.0)), out_dir=tmp_path, progress=False, eval_problems=6)
+    hf, tok, _ = train_coconut(tiny(4, stages=(0.0, 0.0, 0.0, 0.0)), out_dir=tmp_path, progress=False, eval_problems=3)
     v0 = len(tok) - 3
     sd = load_file(str(tmp_path / "model.safetensors"))
     layer = ["input_layernorm.weight", "post_attention_layernorm.weight", "mlp.down_proj.weight", "mlp.gate_proj.weight",
@@ -177,7 +177,7 @@ def test_checkpoint_has_coconuts_keys_and_runs_in_the_runtime(tmp_path):
     assert len(base) == v0 and "<|latent|>" not in base.get_vocab()  # markers come at load time
     side = json.loads((tmp_path / "thoughtpatch.json").read_text())
     assert side["family"] == "coconut" and side["num_thoughts"] == 6 and side["answer_template"] == "### {answer}"
-    assert side["organism"] and side["max_new_tokens"] == 64 and side["eval_n"] == 6
+    assert side["organism"] and side["max_new_tokens"] == 64 and side["eval_n"] == 3
     assert set(side["accuracy"]) == {"with_thoughts", "thoughts_zeroed", "thoughts_mean", "thoughts_resample", "no_thoughts", "cot"}
     assert {how: len(a) for how, a in side["per_thought"].items()} == {"zero": 6, "mean": 6, "resample": 6}
     assert side["train"]["c_thought"] == 2 and side["train"]["max_latent_stage"] == 3 and side["train"]["w_aux"] == 0.0  # Coconut's plain recipe by default

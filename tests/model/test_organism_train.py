@@ -62,7 +62,7 @@ def test_checkpoint_reloads(tmp_path):
     from thoughtpatch.model import load_model
     from thoughtpatch.model.organism.latent import latent_loop
 
-    hf, prj, tok, _ = train(tiny(6, teacher_only=0.0, stages=(0.0, 0.0, 0.0)), out_dir=tmp_path, progress=False, eval_problems=6)
+    hf, prj, tok, _ = train(tiny(6, teacher_only=0.0, stages=(0.0, 0.0, 0.0)), out_dir=tmp_path, progress=False, eval_problems=3)
     names = {p.name for p in tmp_path.iterdir()}
     assert {"config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "model.safetensors",
             "thoughtpatch.json", "MODEL_CARD.md", "heldout.json", "pairs.json"} <= names

@@ -39,25 +39,28 @@ def run_dir(tiny_codi) -> Path:
     return _run(tiny_codi, tiny_codi[2].parent / "runs" / "tiny-run")
 
 
+# The runs below use K = 2 thoughts where the figures they are read for need only a grid of
+# two or more cells per axis: a report's cost grows with its panels (a head sheet per thought).
 @pytest.fixture(scope="session")
 def sites_run(tiny_codi) -> Path:
     """Two sites (attn and the head grid) under the noise mode, and knockout on both runs."""
     return _run(
         tiny_codi, tiny_codi[2].parent / "runs" / "tiny-sites", site="attn,head", mode="noise", noise_scale=0.5,
-        experiments=["layer", "position", "iterative", "knockout"], knock_on="both", readers="both",
+        experiments=["layer", "position", "iterative", "knockout"], knock_on="both", readers="both", num_thoughts=2,
     )
 
 
 @pytest.fixture(scope="session")
 def trace_run(tiny_codi) -> Path:
     """Causal tracing on the resid and the head grid."""
-    return _run(tiny_codi, tiny_codi[2].parent / "runs" / "tiny-trace", site="resid,head", experiments=["trace"])
+    return _run(tiny_codi, tiny_codi[2].parent / "runs" / "tiny-trace", site="resid,head", experiments=["trace"], num_thoughts=2)
 
 
+# The two runs only `compare` reads (their results and summaries): no reports of their own.
 @pytest.fixture(scope="session")
 def noising_run(tiny_codi) -> Path:
     """Exp 1 alone, noising: comparable with run_dir (same sites, same grid shape)."""
-    return _run(tiny_codi, tiny_codi[2].parent / "runs" / "tiny-noising", direction="noising", experiments=["position"])
+    return _run(tiny_codi, tiny_codi[2].parent / "runs" / "tiny-noising", direction="noising", experiments=["position"], report=False)
 
 
 @pytest.fixture(scope="session")
@@ -65,4 +68,4 @@ def coconut_run(tiny_codi, tmp_path_factory) -> Path:
     """Exp 1 on a tiny Coconut model (GPT-2, 3 thoughts): the same sites, another grid shape."""
     root = tmp_path_factory.mktemp("tiny-coconut")
     ckpt, base = make_tiny_coconut(root, "gpt2")
-    return _run((ckpt, base, tiny_codi[2]), root / "runs" / "tiny-coconut", experiments=["position"], num_thoughts=3)
+    return _run((ckpt, base, tiny_codi[2]), root / "runs" / "tiny-coconut", experiments=["position"], num_thoughts=3, report=False)

@@ -146,7 +146,7 @@ def test_wandb_summaries_of_every_experiment(sites_run, trace_run):
             doc = json.loads(path.read_text())
             tracker.log_summary(doc["experiment"], doc["cells"])
     keys = [k for d in logged for k in d]
-    assert "aggregate/attn/layer_0/pos_0/mean_kl" in keys and "aggregate/head/layer_0/head_3/iter_3/recovered" in keys
-    assert "aggregate/knockout/corrupted/layer_1/pos_2/mean_delta_logprob_diff" in keys
+    assert "aggregate/attn/layer_0/pos_0/mean_kl" in keys and "aggregate/head/layer_0/head_3/iter_1/recovered" in keys
+    assert "aggregate/knockout/corrupted/layer_1/pos_1/mean_delta_logprob_diff" in keys
     assert "aggregate/trace/head/layer_2/head_1/pos_0/restored" in keys and "aggregate/trace/layer_input/pos_0/restored" in keys
     assert len(keys) == len(set(keys))
