@@ -3,6 +3,7 @@ hand equal to the engine's."""
 
 from __future__ import annotations
 
+import json
 import math
 import pytest
 import torch
@@ -27,11 +28,17 @@ def api_run(toy):
 
 
 @pytest.fixture(scope="module")
-def cli_dir(tmp_path_factory):
+def cli_run(tmp_path_factory):
+    """`thoughtpatch run --test-mode` on the organism: (run directory, what it printed on stderr)."""
     out = tmp_path_factory.mktemp("cli") / "run"
     r = run_cli("run", "--test-mode", "--out", str(out), "--wandb", "disabled", "--no-report")
     assert r.returncode == 0, r.stderr
-    return out
+    return out, r.stderr
+
+
+@pytest.fixture(scope="module")
+def cli_dir(cli_run):
+    return cli_run[0]
 
 
 def test_import_and_reprs_are_short(toy, api_run):
@@ -56,6 +63,14 @@ def test_api_equals_cli_and_open_run(api_run, cli_dir):
     g1, g2 = api_run.grid("position", "kl"), cli.grid("position", "kl")
     assert g1.shape == (5, 6) and list(g1.index) == ["input", 0, 1, 2, 3] and (g1 - g2).abs().max().max() <= 1e-6
     assert set(cli.checks["verdict"]) <= {"pass", "warn", "fail", "info"} and len(cli.checks) == len(api_run.checks)
+
+
+def test_no_baseline_warning_on_the_organisms_own_pairs(cli_run):
+    """The organism solves its own pairs: the baseline gate (tests/test_keep.py) stays quiet."""
+    out, err = cli_run
+    assert "WARNING" not in err
+    checks = {c["name"]: c for c in json.loads((out / "checks.json").read_text())["checks"]}
+    assert checks["baseline_accuracy_clean"]["verdict"] == "pass"
 
 
 def test_results_tables(api_run, tmp_path):
