@@ -83,12 +83,20 @@ def test_results_tables(api_run, tmp_path):
     assert (api_run.grid("position", "kl", "n") == 5).all().all()
     fig = api_run.plot("position", "kl")
     assert type(fig).__name__ == "Figure" and fig.axes
-    out = api_run.save(tmp_path / "saved")
+    out = api_run.save(tmp_path / "saved", report=False)
     back = tp.open_run(out)
     assert_rows_close(back.to_pandas("iterative").to_dict("records"), api_run.data.rows["iterative"], tol=0.0)
-    assert (out / "reports" / "position_patching.md").is_file()
+    assert not (out / "reports").exists()
     with pytest.raises(tp.ThoughtpatchError, match="no 'knockout' results"):
         api_run.to_pandas("knockout")
+
+
+def test_save_writes_the_clis_figures_and_reports(toy, tmp_path):
+    """`.save` draws what the CLI draws (the same code at any size: here a small run, two
+    pairs and one experiment, is quick to draw)."""
+    out = tp.run(toy, tp.load_pairs("toy")[:2], experiments=["layer"]).save(tmp_path / "saved")
+    assert (out / "reports" / "layer_patching.md").is_file() and (out / "figures" / "layer_curve.png").is_file()
+    assert tp.open_run(out).experiments == ["layer"]
 
 
 @pytest.mark.parametrize("site", [tp.Site("input", thought=3), tp.Site("resid", layer=2, thought=3)])
