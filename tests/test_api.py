@@ -3,6 +3,7 @@ hand equal to the engine's."""
 
 from __future__ import annotations
 
+import json
 import math
 import pytest
 import torch
@@ -27,11 +28,17 @@ def api_run(toy):
 
 
 @pytest.fixture(scope="module")
-def cli_dir(tmp_path_factory):
+def cli_run(tmp_path_factory):
+    """`thoughtpatch run --test-mode` on the organism: (run directory, what it printed on stderr)."""
     out = tmp_path_factory.mktemp("cli") / "run"
     r = run_cli("run", "--test-mode", "--out", str(out), "--wandb", "disabled", "--no-report")
     assert r.returncode == 0, r.stderr
-    return out
+    return out, r.stderr
+
+
+@pytest.fixture(scope="module")
+def cli_dir(cli_run):
+    return cli_run[0]
 
 
 def test_import_and_reprs_are_short(toy, api_run):
@@ -58,6 +65,14 @@ def test_api_equals_cli_and_open_run(api_run, cli_dir):
     assert set(cli.checks["verdict"]) <= {"pass", "warn", "fail", "info"} and len(cli.checks) == len(api_run.checks)
 
 
+def test_no_baseline_warning_on_the_organisms_own_pairs(cli_run):
+    """The organism solves its own pairs: the baseline gate (tests/test_keep.py) stays quiet."""
+    out, err = cli_run
+    assert "WARNING" not in err
+    checks = {c["name"]: c for c in json.loads((out / "checks.json").read_text())["checks"]}
+    assert checks["baseline_accuracy_clean"]["verdict"] == "pass"
+
+
 def test_results_tables(api_run, tmp_path):
     df = api_run.to_pandas("position")
     assert len(df) == 5 * 5 * 6 and {"pair_id", "site", "layer", "thought", "kl", "recovered", "flip"} <= set(df.columns)
@@ -68,12 +83,20 @@ def test_results_tables(api_run, tmp_path):
     assert (api_run.grid("position", "kl", "n") == 5).all().all()
     fig = api_run.plot("position", "kl")
     assert type(fig).__name__ == "Figure" and fig.axes
-    out = api_run.save(tmp_path / "saved")
+    out = api_run.save(tmp_path / "saved", report=False)
     back = tp.open_run(out)
     assert_rows_close(back.to_pandas("iterative").to_dict("records"), api_run.data.rows["iterative"], tol=0.0)
-    assert (out / "reports" / "position_patching.md").is_file()
+    assert not (out / "reports").exists()
     with pytest.raises(tp.ThoughtpatchError, match="no 'knockout' results"):
         api_run.to_pandas("knockout")
+
+
+def test_save_writes_the_clis_figures_and_reports(toy, tmp_path):
+    """`.save` draws what the CLI draws (the same code at any size: here a small run, two
+    pairs and one experiment, is quick to draw)."""
+    out = tp.run(toy, tp.load_pairs("toy")[:2], experiments=["layer"]).save(tmp_path / "saved")
+    assert (out / "reports" / "layer_patching.md").is_file() and (out / "figures" / "layer_curve.png").is_file()
+    assert tp.open_run(out).experiments == ["layer"]
 
 
 @pytest.mark.parametrize("site", [tp.Site("input", thought=3), tp.Site("resid", layer=2, thought=3)])

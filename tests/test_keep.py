@@ -106,11 +106,5 @@ def test_baseline_gate_warns_on_pairs_the_model_cannot_solve(tmp_path, monkeypat
     checks = {c["name"]: c for c in json.loads((out / "checks.json").read_text())["checks"]}
     assert checks["baseline_accuracy_clean"]["verdict"] == "warn"
 
-
-def test_no_warning_on_the_organisms_own_pairs(tmp_path, monkeypatch, capsys):
-    out = tmp_path / "o"
-    code, err = cli(monkeypatch, capsys, "layer", "--test-mode", "--out", str(out), "--wandb", "disabled", "--no-report")
-    assert code == 0, err
-    assert "WARNING" not in err
-    checks = {c["name"]: c for c in json.loads((out / "checks.json").read_text())["checks"]}
-    assert checks["baseline_accuracy_clean"]["verdict"] == "pass"
+# No warning on the organism's own pairs: tests/test_api.py, on the `run --test-mode` it
+# compares with the API.
