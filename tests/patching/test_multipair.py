@@ -126,14 +126,22 @@ def _cases(model, prompts: list[list[int]], n: int):
     return out
 
 
-def test_read_decodes_what_generate_decodes(model, runs):
+def test_read_decodes_what_generate_decodes(model, runs, monkeypatch):
     """`read` on a padded batch of many prompts gives every row the ids `generate` gives the
-    prompt alone (same stop ids, same limit), and the log-probs of teacher forcing."""
+    prompt alone (same stop ids, same limit), and the log-probs of teacher forcing; with its
+    LM head in slices of the vocabulary (as on CPU for a real vocabulary) it reads the same."""
     prompts = [r.clean_ids for r in runs] + [list(runs[2].corrupted_prompt.ids)]
     cases = _cases(model, prompts, 8)
     st = model.think(model.encode([c[0] for c in cases]), record_logits=False)
-    sc = model.read(st, [c[1] for c in cases], [c[2] for c in cases], [c[3] for c in cases], [c[4] for c in cases], [c[5] for c in cases], check_every=2)
+    args = ([c[1] for c in cases], [c[2] for c in cases], [c[3] for c in cases], [c[4] for c in cases], [c[5] for c in cases])
+    sc = model.read(st, *args, check_every=2)
     assert st.cache.get_seq_length() == st.prompt_len + model.num_thoughts  # left as it was
+    monkeypatch.setattr(model, "HEAD_SLICE", 7)  # tiny vocabularies are narrower than the default slice
+    h = torch.randn(3, model.hidden_size, dtype=model.dtype, device=model.device)
+    assert (model._read_head(h) - model.head(h)).abs().max() <= 1e-6  # every slice, the last a partial one
+    sliced = model.read(st, *args, check_every=2)
+    assert [g.token_ids for g in sliced.generations] == [g.token_ids for g in sc.generations]
+    assert (sliced.logprob - sc.logprob).abs().max() <= 1e-6 and (sliced.decision_logits - sc.decision_logits).abs().max() <= 1e-6
     decoded = verified = 0
     for row, (p, clean, corrupted, d, n, stop) in enumerate(cases):
         alone = model.think(model.encode(p))

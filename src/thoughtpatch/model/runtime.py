@@ -934,6 +934,18 @@ class ThoughtModel:
         return ids, (~done).nonzero()[:, 0], e, torch.where(use_x[:, None], src_x, src_a), known
 
     HEAD_CHUNK = 1 << 24  # logits elements computed at once in a read-out (bounds its memory)
+    # On CPU the read-out's LM head runs in slices of the vocabulary: a GEMM whose output width
+    # is not a multiple of the BLAS's block (32,003; 128,259) runs ~25 % slower than slices of
+    # 8,192 columns (bench/engine_speed.py). Each logit is the same row-times-row dot product.
+    HEAD_SLICE = 8192
+
+    def _read_head(self, h: torch.Tensor) -> torch.Tensor:
+        """`head` for the batched read-out (`read`); the plain read-out keeps `head` itself."""
+        lm = self.hf.get_output_embeddings()
+        if h.device.type != "cpu" or not isinstance(lm, nn.Linear) or lm.out_features <= self.HEAD_SLICE:
+            return lm(h)
+        w, b, n = lm.weight, lm.bias, self.HEAD_SLICE
+        return torch.cat([nn.functional.linear(h, w[s : s + n], None if b is None else b[s : s + n]) for s in range(0, lm.out_features, n)], -1)
 
     def _score_tree(self, last: torch.Tensor, want: torch.Tensor, first_x: torch.Tensor, d: torch.Tensor, real: torch.Tensor, clean0: torch.Tensor):
         """The LM head over the read-out tree, only where it is read: greedy ids [B,q] (-1
@@ -962,17 +974,19 @@ class ThoughtModel:
         step = max(1, self.HEAD_CHUNK // self.vocab_size)
         for s in range(0, len(rows), step):
             r, c, sc = rows[s : s + step], cols[s : s + step], scored[s : s + step]
-            logits = self.head(last[r, c])
+            logits = self._read_head(last[r, c])
             greedy[r, c] = logits[:, : self.argmax_ids].argmax(-1)  # ties → lowest id, as `generate`
             if not bool(sc.any()):
                 continue
             r, c, logits = r[sc], c[sc], logits[sc]
-            f = logits.float().double()
-            lse = f.logsumexp(-1)
-            lp[r, c] = f.gather(-1, want[r, c][:, None])[:, 0] - lse
+            f = logits.float()
+            # float64 in blocks of rows that stay in cache: one float64 copy of the whole chunk
+            # is bound by memory traffic (same values, several times slower)
+            lse = torch.cat([g.double().logsumexp(-1) for g in f.split(16)])
+            lp[r, c] = f.gather(-1, want[r, c][:, None])[:, 0].double() - lse
             at = c == d[r]
-            dec[r[at]] = logits[at].float()
-            lp_first[r[at]] = f[at].gather(-1, first_x[r[at]][:, None])[:, 0] - lse[at]
+            dec[r[at]] = f[at]
+            lp_first[r[at]] = f[at].gather(-1, first_x[r[at]][:, None])[:, 0].double() - lse[at]
 
     def _decode_rest(
         self, state: LatentState, todo: torch.Tensor, valid: torch.Tensor, ids: torch.Tensor, e: torch.Tensor,
@@ -999,7 +1013,7 @@ class ThoughtModel:
         alive = idx < lim
         for s in range(int((lim - idx).max())):
             last, _ = self._feed(sub, self.embed(tok[:, None]), sub.blocked)
-            nxt = self.head(last[:, -1])[:, : self.argmax_ids].argmax(-1)
+            nxt = self._read_head(last[:, -1])[:, : self.argmax_ids].argmax(-1)
             ids[rows, idx.clamp_max(ids.shape[1] - 1)] = torch.where(alive, nxt, ids[rows, idx.clamp_max(ids.shape[1] - 1)])
             ends, _ = self._ends(nxt[:, None], idx[:, None], lim[:, None], stop)
             alive = alive & ~ends[:, 0]
