@@ -57,3 +57,13 @@ def test_engine_speed_tiny_on_cpu(capsys):
     assert out["min_gap"] > 0.1  # the bench pair's runs differ: `recovered` is not noise
     assert out["rows"] == 3 + 3 * 6 + 3 * 6 and len(out["batched_passes_s"]) == 2
     assert out["ratio"] > 0 and out["reference_s"] > 0
+
+
+def test_readout_head_small_on_cpu(capsys):
+    """bench/readout_head.py on a small shape: the sliced head and the blocked log-sum-exp
+    compute what the plain ways do (a vocabulary of three slices, the last partial)."""
+    returned = _bench("readout_head").main(["--hidden", "32", "--vocab", "20000", "--rows", "40", "--repeat", "1", "--json"])
+    out = _printed(capsys)
+    assert out == json.loads(json.dumps(returned))
+    assert out["head_40"]["max_abs_diff"] <= 1e-5 and out["lse_40"]["max_abs_diff"] <= 1e-9
+    assert out["head_40"]["ratio"] > 0 and out["lse_40"]["ratio"] > 0

@@ -270,6 +270,13 @@ def _gqa_despite_mask(device: torch.device):
         del os.environ[key]
 
 
+def logsumexp64(logits: torch.Tensor, block: int = 16) -> torch.Tensor:
+    """Float64 log-sum-exp of each row, in blocks of rows that stay in cache: one float64 copy
+    of a whole read-out chunk is bound by memory traffic (same values, several times slower:
+    bench/readout_head.py)."""
+    return torch.cat([g.double().logsumexp(-1) for g in logits.split(block)])
+
+
 def _as_cache(cache: Any) -> Any:
     """transformers 4.x GPT-2 hands back the legacy tuple of (K, V) when it was given no cache
     object; every later step needs the object (and then keeps it)."""
@@ -980,9 +987,7 @@ class ThoughtModel:
                 continue
             r, c, logits = r[sc], c[sc], logits[sc]
             f = logits.float()
-            # float64 in blocks of rows that stay in cache: one float64 copy of the whole chunk
-            # is bound by memory traffic (same values, several times slower)
-            lse = torch.cat([g.double().logsumexp(-1) for g in f.split(16)])
+            lse = logsumexp64(f)
             lp[r, c] = f.gather(-1, want[r, c][:, None])[:, 0].double() - lse
             at = c == d[r]
             dec[r[at]] = f[at]
