@@ -942,8 +942,9 @@ class ThoughtModel:
 
     HEAD_CHUNK = 1 << 24  # logits elements computed at once in a read-out (bounds its memory)
     # On CPU the read-out's LM head runs in slices of the vocabulary: a GEMM whose output width
-    # is not a multiple of the BLAS's block (32,003; 128,259) runs ~25 % slower than slices of
-    # 8,192 columns (bench/engine_speed.py). Each logit is the same row-times-row dot product.
+    # is not a multiple of the BLAS's block (32,003; 128,259) can run up to ~30 % slower than
+    # slices of 8,192 columns, never faster (bench/readout_head.py). Each logit is the same
+    # row-times-row dot product.
     HEAD_SLICE = 8192
 
     def _read_head(self, h: torch.Tensor) -> torch.Tensor:
