@@ -47,11 +47,8 @@ def run_cli(*args: str):
     from thoughtpatch.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    code = 0
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         mp.setattr(sys, "argv", ["thoughtpatch", *args])
-        try:
+        with pytest.raises(SystemExit) as e:  # the entry point always exits, as a process would
             main()
-        except SystemExit as e:
-            code = e.code or 0
-    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+    return SimpleNamespace(returncode=e.value.code or 0, stdout=out.getvalue(), stderr=err.getvalue())

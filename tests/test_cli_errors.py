@@ -25,25 +25,25 @@ from thoughtpatch.model.loader import TOY_DIR
         (["toy", "train", "--out", "{tmp}/file", "--steps", "1", "--eval-n", "1"], "--out {tmp}/file: is a file, not a directory"),
     ],
 )
-def test_bad_options_before_any_model(args, message, tmp_path, monkeypatch, capsys, no_model):  # noqa: F811
+def test_bad_options_before_any_model(args, message, tmp_path, no_model):  # noqa: F811
     (tmp_path / "file").write_text("mine")
-    code, err = cli(monkeypatch, capsys, *[a.replace("{tmp}", str(tmp_path)) for a in args])
+    code, err = cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
     assert code == 2 and err == f"error: {message.replace('{tmp}', str(tmp_path))}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
-def test_question_longer_than_the_models_positions(tmp_path, monkeypatch, capsys):
+def test_question_longer_than_the_models_positions(tmp_path):
     positions = json.loads((TOY_DIR / "config.json").read_text())["max_position_embeddings"]
     question = " ".join(["tom has 3 apples ."] * positions)
-    code, err = cli(monkeypatch, capsys, "trace", "-q", question, "--out", str(tmp_path / "t.safetensors"))
+    code, err = cli("trace", "-q", question, "--out", str(tmp_path / "t.safetensors"))
     assert code == 2 and err.startswith("error: --question: the prompt is ") and err.endswith(f"no room for an answer in the model's {positions} positions\n")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_pairs_output_that_cannot_be_written(tmp_path, monkeypatch, capsys):
+def test_pairs_output_that_cannot_be_written(tmp_path):
     src = tmp_path / "p.json"
     src.write_text(json.dumps(json.loads((TOY_DIR / "pairs.json").read_text())[:2]))
     (tmp_path / "dir").mkdir()
-    code, err = cli(monkeypatch, capsys, "pairs", "filter", str(src), "--out", str(tmp_path / "dir"))
+    code, err = cli("pairs", "filter", str(src), "--out", str(tmp_path / "dir"))
     assert code == 2 and err.startswith(f"error: {tmp_path / 'dir'}: cannot write") and err.count("\n") == 1
     assert list((tmp_path / "dir").iterdir()) == []

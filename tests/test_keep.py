@@ -89,7 +89,7 @@ def test_keep_all_gives_both_analyses_from_one_pass(runs, pairs_file):
     assert m["selection"] == {"keep": "all", "same_answer": [], "unpatched": 4, "correct": 2, "wrong": 2, "patched": 4, "dropped": 0}
 
 
-def test_baseline_gate_warns_on_pairs_the_model_cannot_solve(tmp_path, monkeypatch, capsys):
+def test_baseline_gate_warns_on_pairs_the_model_cannot_solve(tmp_path):
     pairs = organism_pairs(5)
     for p in pairs:
         p["clean"]["answer"] += OFF
@@ -97,7 +97,7 @@ def test_baseline_gate_warns_on_pairs_the_model_cannot_solve(tmp_path, monkeypat
     path = tmp_path / "unsolvable.json"
     path.write_text(json.dumps(pairs))
     out = tmp_path / "o"
-    code, err = cli(monkeypatch, capsys, "layer", "--test-mode", "--pairs", str(path), "--out", str(out), "--wandb", "disabled")
+    code, err = cli("layer", "--test-mode", "--pairs", str(path), "--out", str(out), "--wandb", "disabled")
     assert code == 0, err
     warning = "baseline_accuracy_clean = 0.0 %: 0/5 clean questions answered right (greedy), fewer than half: the results describe a model that does not solve these questions"
     assert err.count("WARNING") == 1 and f"WARNING {warning}" in err

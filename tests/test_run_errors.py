@@ -12,14 +12,13 @@ import os
 import re
 import shutil
 import signal
-import sys
 
 import pytest
 
+from tests.conftest import run_cli
 from tests.report.test_rundir import hold_lock
 from tests.test_run import Q, _pairs
 from tests.tiny import make_tiny_codi
-from thoughtpatch.cli import main
 from thoughtpatch.errors import ThoughtpatchError
 from thoughtpatch.report.results import read_rows
 from thoughtpatch.report.rundir import LOCK_NAME
@@ -46,12 +45,10 @@ def _args(tiny, out) -> list[str]:
     return ["layer", "--model", str(ckpt), "--base", str(base), "--pairs", str(pairs), "--out", str(out), "--wandb", "disabled", "--max-new-tokens", "6", "--no-report"]
 
 
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """Run the `thoughtpatch` entry point in this process: (exit status, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["thoughtpatch", *args])
-    with pytest.raises(SystemExit) as e:
-        main()
-    return e.value.code, capsys.readouterr().err
+def cli(*args: str) -> tuple[int, str]:
+    """`run_cli` as (exit status, stderr)."""
+    r = run_cli(*args)
+    return r.returncode, r.stderr
 
 
 @pytest.fixture
@@ -112,9 +109,9 @@ def test_toml_types_are_checked(tmp_path, line, message):
         RunConfig.from_toml(toml)
 
 
-def test_cli_bad_option_is_one_line(tiny, tmp_path, monkeypatch, capsys, no_model):
+def test_cli_bad_option_is_one_line(tiny, tmp_path, no_model):
     out = tmp_path / "o"
-    code, err = cli(monkeypatch, capsys, *_args(tiny, out), "--layers", "3-1")
+    code, err = cli(*_args(tiny, out), "--layers", "3-1")
     assert code == 2 and err == "error: --layers: '3-1' is reversed (write 1-3)\n"
     assert not out.exists()
 
@@ -182,20 +179,20 @@ def test_a_run_directory_has_one_owner(tiny, tmp_path):
     assert len(read_rows(out / "layer" / "results.jsonl")) == 3 * 4
 
 
-def test_out_that_is_not_a_run_is_refused(tiny, tmp_path, monkeypatch, capsys, no_model):
+def test_out_that_is_not_a_run_is_refused(tiny, tmp_path, no_model):
     f = tmp_path / "file"
     f.write_text("mine")
-    code, err = cli(monkeypatch, capsys, *_args(tiny, f))
+    code, err = cli(*_args(tiny, f))
     assert code == 2 and err == f"error: --out {f}: is a file, not a directory\n" and f.read_text() == "mine"
     d = tmp_path / "notes"
     d.mkdir()
     (d / "notes.txt").write_text("mine")
-    code, err = cli(monkeypatch, capsys, *_args(tiny, d), "--resume")
+    code, err = cli(*_args(tiny, d), "--resume")
     assert code == 2 and err == f"error: --out {d}: not empty and not a thoughtpatch run (holds notes.txt); choose a new or empty directory\n"
     assert os.listdir(d) == ["notes.txt"]
 
 
-def test_full_disk_is_one_line_and_the_run_resumes(tiny, tmp_path, monkeypatch, capsys):
+def test_full_disk_is_one_line_and_the_run_resumes(tiny, tmp_path, monkeypatch):
     from thoughtpatch.report import results as R
 
     real = R.ResultsWriter.write_pair
@@ -211,7 +208,7 @@ def test_full_disk_is_one_line_and_the_run_resumes(tiny, tmp_path, monkeypatch, 
 
     monkeypatch.setattr(R.ResultsWriter, "write_pair", disk_full_at_second_pair)
     out = tmp_path / "o"
-    code, err = cli(monkeypatch, capsys, *_args(tiny, out))
+    code, err = cli(*_args(tiny, out))
     assert code == 2 and err.splitlines()[-1] == f"error: {out / 'layer' / 'results.jsonl'}: No space left on device"
     assert "Traceback" not in err
     monkeypatch.setattr(R.ResultsWriter, "write_pair", real)
@@ -231,25 +228,25 @@ def test_resume_names_a_foreign_line_and_changes_nothing(tiny, small_run, tmp_pa
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
-def test_report_on_damaged_results_is_one_line(small_run, tmp_path, monkeypatch, capsys):
+def test_report_on_damaged_results_is_one_line(small_run, tmp_path):
     out = shutil.copytree(small_run, tmp_path / "copy")
     res = out / "layer" / "results.jsonl"
     lines = res.read_text().splitlines(keepends=True)
     res.write_text(lines[0] + "[1, 2]\n" + "".join(lines[1:]))
-    code, err = cli(monkeypatch, capsys, "report", str(out))
+    code, err = cli("report", str(out))
     assert code == 2 and err == f"error: {res}, line 2: expected an object, got list\n"
     res.write_text("")  # a run that patched nothing (reversed ranges once made these)
-    code, err = cli(monkeypatch, capsys, "report", str(out))
+    code, err = cli("report", str(out))
     assert code == 2 and err == f"error: {res}: no rows (the run patched nothing)\n"
     assert not (out / "reports").exists()
 
 
-def test_report_waits_for_no_one(small_run, tmp_path, monkeypatch, capsys):
+def test_report_waits_for_no_one(small_run, tmp_path):
     """`report` on a directory a run (or merge) is writing is refused with the holder's pid."""
     out = shutil.copytree(small_run, tmp_path / "copy")
     holder = hold_lock(out)
     try:
-        code, err = cli(monkeypatch, capsys, "report", str(out))
+        code, err = cli("report", str(out))
         assert code == 2 and err == f"error: {out}: in use by another thoughtpatch process (pid {holder.pid}); wait for it to finish\n"
     finally:
         os.kill(holder.pid, signal.SIGKILL)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from tests.conftest import run_cli
 from thoughtpatch.report.rundata import MAIN_METRICS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -65,24 +66,12 @@ def test_compare_codi_with_coconut_draws_no_difference_across_shapes(run_dir, co
 
 @pytest.mark.parametrize("other, says", [("sites_run", "the runs patch different sites"), ("trace_run", "no Exp 1 (position) results")])
 def test_compare_refuses_incomparable_runs(run_dir, other, says, request, tmp_path):
-    from thoughtpatch.cli import main
-
     out = tmp_path / "cmp"
-    argv = ["thoughtpatch", "compare", str(run_dir), str(request.getfixturevalue(other)), "--out", str(out)]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("sys.argv", argv)
-        with pytest.raises(SystemExit) as e:
-            main()
-    assert e.value.code == 2
+    r = run_cli("compare", str(run_dir), str(request.getfixturevalue(other)), "--out", str(out))
+    assert r.returncode == 2 and says in r.stderr
     assert not out.exists()  # nothing written before both runs are checked
 
 
-def test_compare_refusal_is_one_line(run_dir, sites_run, tmp_path, capsys):
-    from thoughtpatch.cli import main
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("sys.argv", ["thoughtpatch", "compare", str(run_dir), str(sites_run), "--out", str(tmp_path / "x")])
-        with pytest.raises(SystemExit):
-            main()
-    err = capsys.readouterr().err
+def test_compare_refusal_is_one_line(run_dir, sites_run, tmp_path):
+    err = run_cli("compare", str(run_dir), str(sites_run), "--out", str(tmp_path / "x")).stderr
     assert err.count("\n") == 1 and err.startswith("error: the runs patch different sites") and "attn, head" in err
