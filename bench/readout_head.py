@@ -1,6 +1,7 @@
 """The batched read-out's two CPU kernels against the plain way, same process, same inputs:
-the LM head in slices of the vocabulary (`ThoughtModel._read_head`) against one GEMM, and the
-float64 log-sum-exp in blocks of 16 rows (`logsumexp64`) against one float64 copy of the chunk.
+the LM head in slices of the vocabulary (`sliced_linear`, as `ThoughtModel._read_head` runs it)
+against one GEMM, and the float64 log-sum-exp in blocks of 16 rows (`logsumexp64`) against one
+float64 copy of the chunk.
 
     python bench/readout_head.py --json
 
@@ -19,7 +20,7 @@ import time
 import torch
 from torch import nn
 
-from thoughtpatch.model.runtime import ThoughtModel, logsumexp64
+from thoughtpatch.model.runtime import ThoughtModel, logsumexp64, sliced_linear
 
 
 def median_s(f, repeat: int) -> float:
@@ -32,15 +33,6 @@ def median_s(f, repeat: int) -> float:
     return statistics.median(ts)
 
 
-class _Head:
-    """Just what `_read_head` reads of a ThoughtModel: the output embeddings and the slice."""
-
-    HEAD_SLICE = ThoughtModel.HEAD_SLICE
-
-    def __init__(self, lm: nn.Linear):
-        self.hf = type("HF", (), {"get_output_embeddings": lambda _self: lm})()
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=768)
@@ -51,12 +43,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     lm = nn.Linear(args.hidden, args.vocab, bias=False)
-    fake = _Head(lm)
     out: dict = {"threads": torch.get_num_threads(), "hidden": args.hidden, "vocab": args.vocab}
     with torch.inference_mode():
         for rows in args.rows:
             h = torch.randn(rows, args.hidden)
-            plain, sliced = (lambda: lm(h)), (lambda: ThoughtModel._read_head(fake, h))
+            plain, sliced = (lambda: lm(h)), (lambda: sliced_linear(lm, h, ThoughtModel.HEAD_SLICE))
             a, b = median_s(plain, args.repeat), median_s(sliced, args.repeat)
             out[f"head_{rows}"] = {"plain_s": round(a, 4), "sliced_s": round(b, 4), "ratio": round(a / b, 2), "max_abs_diff": float((plain() - sliced()).abs().max())}
             f = lm(h).float()

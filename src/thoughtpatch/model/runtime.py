@@ -277,6 +277,12 @@ def logsumexp64(logits: torch.Tensor, block: int = 16) -> torch.Tensor:
     return torch.cat([g.double().logsumexp(-1) for g in logits.split(block)])
 
 
+def sliced_linear(lm: nn.Linear, h: torch.Tensor, width: int) -> torch.Tensor:
+    """`lm(h)` computed `width` output columns at a time (see `ThoughtModel.HEAD_SLICE`)."""
+    w, b = lm.weight, lm.bias
+    return torch.cat([nn.functional.linear(h, w[s : s + width], None if b is None else b[s : s + width]) for s in range(0, lm.out_features, width)], -1)
+
+
 def _as_cache(cache: Any) -> Any:
     """transformers 4.x GPT-2 hands back the legacy tuple of (K, V) when it was given no cache
     object; every later step needs the object (and then keeps it)."""
@@ -952,8 +958,7 @@ class ThoughtModel:
         lm = self.hf.get_output_embeddings()
         if h.device.type != "cpu" or not isinstance(lm, nn.Linear) or lm.out_features <= self.HEAD_SLICE:
             return lm(h)
-        w, b, n = lm.weight, lm.bias, self.HEAD_SLICE
-        return torch.cat([nn.functional.linear(h, w[s : s + n], None if b is None else b[s : s + n]) for s in range(0, lm.out_features, n)], -1)
+        return sliced_linear(lm, h, self.HEAD_SLICE)
 
     def _score_tree(self, last: torch.Tensor, want: torch.Tensor, first_x: torch.Tensor, d: torch.Tensor, real: torch.Tensor, clean0: torch.Tensor):
         """The LM head over the read-out tree, only where it is read: greedy ids [B,q] (-1
