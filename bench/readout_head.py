@@ -1,14 +1,16 @@
-"""The batched read-out's two CPU kernels against the plain way, same process, same inputs:
+"""The batched read-out's three CPU kernels against the plain way, same process, same inputs:
 the LM head in slices of the vocabulary (`sliced_linear`, as `ThoughtModel._read_head` runs it)
-against one GEMM, and the float64 log-sum-exp in blocks of 16 rows (`logsumexp64`) against one
-float64 copy of the chunk.
+against one GEMM; the float64 log-sum-exp in blocks of 16 rows (`logsumexp64`) against one
+float64 copy of the chunk; and greedy ids through the bf16 screen (`ArgmaxScreen`, as
+`ThoughtModel._greedy` runs it where the CPU has AMX) against the fp32 head's argmax.
 
     python bench/readout_head.py --json
 
 Shapes are the `--quick` engine bench's (hidden 768, vocabulary 32,003) at the row counts of
 its read-out: 218 rows (a decode step) and 524 (one chunk of the teacher-forced tree). Prints
 one JSON line: per shape, the median seconds of each way, their ratio and the largest
-difference of the outputs (0.0 where the BLAS computes each logit the same way)."""
+difference of the outputs (0.0 where the BLAS computes each logit the same way; for greedy
+ids, how many differ), and whether this CPU has AMX (without it the engine does not screen)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import time
 import torch
 from torch import nn
 
+from thoughtpatch.model.argmax import ArgmaxScreen, fast_bf16
 from thoughtpatch.model.runtime import ThoughtModel, logsumexp64, sliced_linear
 
 
@@ -43,7 +46,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     lm = nn.Linear(args.hidden, args.vocab, bias=False)
-    out: dict = {"threads": torch.get_num_threads(), "hidden": args.hidden, "vocab": args.vocab}
+    out: dict = {"threads": torch.get_num_threads(), "hidden": args.hidden, "vocab": args.vocab, "amx": fast_bf16()}
+    ids = args.vocab - 1  # CODI's argmax leaves out <eot>, the last id
+    screen = ArgmaxScreen(lm.weight.detach(), ids)
     with torch.inference_mode():
         for rows in args.rows:
             h = torch.randn(rows, args.hidden)
@@ -54,6 +59,9 @@ def main(argv: list[str] | None = None) -> dict:
             whole, blocks = (lambda: f.double().logsumexp(-1)), (lambda: logsumexp64(f))
             a, b = median_s(whole, args.repeat), median_s(blocks, args.repeat)
             out[f"lse_{rows}"] = {"whole_s": round(a, 4), "blocks_s": round(b, 4), "ratio": round(a / b, 2), "max_abs_diff": float((whole() - blocks()).abs().max())}
+            argmax, screened = (lambda: lm(h)[:, :ids].argmax(-1)), (lambda: screen(h))
+            a, b = median_s(argmax, args.repeat), median_s(screened, args.repeat)
+            out[f"greedy_{rows}"] = {"plain_s": round(a, 4), "screened_s": round(b, 4), "ratio": round(a / b, 2), "ids_differ": int((argmax() != screened()).sum())}
     print(json.dumps(out) if args.json else json.dumps(out, indent=1))
     return out
 

@@ -60,10 +60,12 @@ def test_engine_speed_tiny_on_cpu(capsys):
 
 
 def test_readout_head_small_on_cpu(capsys):
-    """bench/readout_head.py on a small shape: the sliced head and the blocked log-sum-exp
-    compute what the plain ways do (a vocabulary of three slices, the last partial)."""
+    """bench/readout_head.py on a small shape: the sliced head, the blocked log-sum-exp and the
+    screened greedy ids compute what the plain ways do (a vocabulary of three slices, the last
+    partial)."""
     returned = _bench("readout_head").main(["--hidden", "32", "--vocab", "20000", "--rows", "40", "--repeat", "1", "--json"])
     out = _printed(capsys)
     assert out == json.loads(json.dumps(returned))
     assert out["head_40"]["max_abs_diff"] <= 1e-5 and out["lse_40"]["max_abs_diff"] <= 1e-9
     assert out["head_40"]["ratio"] > 0 and out["lse_40"]["ratio"] > 0
+    assert out["greedy_40"]["ids_differ"] == 0 and out["greedy_40"]["ratio"] > 0

@@ -105,3 +105,24 @@ def test_zero_thoughts_goes_straight_to_eot(model):
 )
 def test_extract_number_as_codi(text, num):
     assert extract_number(text) == num
+
+
+def test_the_greedy_screen_sees_a_changed_head(model, monkeypatch):
+    """The read-out's greedy ids through the bf16 screen (model/argmax.py) are the head's argmax,
+    and the screen (a bf16 copy of the head) is rebuilt when the head is edited in place."""
+    monkeypatch.setattr(model, "SCREEN", True)
+    monkeypatch.setattr(model, "SCREEN_MIN_VOCAB", 0)
+    lm = model.hf.get_output_embeddings()
+    h = torch.randn(5, model.hidden_size, dtype=model.dtype, device=model.device)
+    plain = lambda: model.head(h)[:, : model.argmax_ids].argmax(-1)  # noqa: E731
+    saved = lm.weight.detach().clone()
+    try:
+        before = model._greedy(h)
+        assert torch.equal(before, plain())
+        with torch.no_grad():
+            lm.weight[int(before[0])] -= 100 * h[0] / h[0].norm()  # row 0's winner loses
+        after = model._greedy(h)
+        assert int(after[0]) != int(before[0]) and torch.equal(after, plain())
+    finally:
+        with torch.no_grad():
+            lm.weight.copy_(saved)

@@ -129,7 +129,8 @@ def _cases(model, prompts: list[list[int]], n: int):
 def test_read_decodes_what_generate_decodes(model, runs, monkeypatch):
     """`read` on a padded batch of many prompts gives every row the ids `generate` gives the
     prompt alone (same stop ids, same limit), and the log-probs of teacher forcing; with its
-    LM head in slices of the vocabulary (as on CPU for a real vocabulary) it reads the same."""
+    LM head in slices of the vocabulary, or its greedy ids screened in bf16 (as on CPU for a
+    real vocabulary), it reads the same."""
     prompts = [r.clean_ids for r in runs] + [list(runs[2].corrupted_prompt.ids)]
     cases = _cases(model, prompts, 8)
     st = model.think(model.encode([c[0] for c in cases]), record_logits=False)
@@ -142,6 +143,12 @@ def test_read_decodes_what_generate_decodes(model, runs, monkeypatch):
     sliced = model.read(st, *args, check_every=2)
     assert [g.token_ids for g in sliced.generations] == [g.token_ids for g in sc.generations]
     assert (sliced.logprob - sc.logprob).abs().max() <= 1e-6 and (sliced.decision_logits - sc.decision_logits).abs().max() <= 1e-6
+    # greedy ids through the bf16 screen (model/argmax.py), as on a CPU with AMX and a real vocabulary
+    monkeypatch.setattr(model, "SCREEN", True)
+    monkeypatch.setattr(model, "SCREEN_MIN_VOCAB", 0)
+    screened = model.read(st, *args, check_every=2)
+    assert model._screen is not None  # it ran
+    assert [g.token_ids for g in screened.generations] == [g.token_ids for g in sc.generations]
     decoded = verified = 0
     for row, (p, clean, corrupted, d, n, stop) in enumerate(cases):
         alone = model.think(model.encode(p))

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from thoughtpatch.errors import ThoughtpatchError
+from thoughtpatch.model.argmax import ArgmaxScreen, fast_bf16
 from thoughtpatch.model.families import CODI, Arch, Family, last_number, submodule
 from thoughtpatch.model.kvcache import cache_layers, grows as _grows, make_growing, set_grow as _set_grow
 
@@ -411,6 +412,7 @@ class ThoughtModel:
         self._blocks: dict[int, list[Block]] = {}
         self._past = 0
         self._grow: _Grow | None = None
+        self._screen: ArgmaxScreen | None = None  # built at the first screened decode
         for i, block in enumerate(self.blocks):
             block.register_forward_pre_hook(self._grow_hook(i), with_kwargs=True)
             block.register_forward_hook(self._output_hook("resid", i))
@@ -960,6 +962,27 @@ class ThoughtModel:
             return lm(h)
         return sliced_linear(lm, h, self.HEAD_SLICE)
 
+    # On a CPU with bf16 matrix units the read-out's greedy ids come from a bf16 screen of the
+    # head that keeps only the ids that can win and recomputes those in fp32: the fp32 head's
+    # argmax, exactly, at about half its cost for a 32k vocabulary (model/argmax.py,
+    # bench/readout_head.py). Off for small vocabularies, where the head is cheap.
+    SCREEN = fast_bf16()
+    SCREEN_MIN_VOCAB = 4096
+
+    def _greedy(self, h: torch.Tensor) -> torch.Tensor:
+        """Greedy ids [N] of final-norm states h [N, H] (ties → lowest id): the batched read-out's
+        `head(h)[:, :argmax_ids].argmax(-1)`."""
+        lm = self.hf.get_output_embeddings()
+        screen = (
+            self.SCREEN and h.device.type == "cpu" and h.dtype == torch.float32 and isinstance(lm, nn.Linear)
+            and lm.bias is None and self.argmax_ids >= self.SCREEN_MIN_VOCAB
+        )
+        if not screen:
+            return self._read_head(h)[:, : self.argmax_ids].argmax(-1)
+        if self._screen is None or not self._screen.current(lm.weight, self.argmax_ids):
+            self._screen = ArgmaxScreen(lm.weight, self.argmax_ids)
+        return self._screen(h)
+
     def _score_tree(self, last: torch.Tensor, want: torch.Tensor, first_x: torch.Tensor, d: torch.Tensor, real: torch.Tensor, clean0: torch.Tensor):
         """The LM head over the read-out tree, only where it is read: greedy ids [B,q] (-1
         where not needed), log-probs (float64, of fp32 logits) of `want` [B,q] from the
@@ -987,12 +1010,13 @@ class ThoughtModel:
         step = max(1, self.HEAD_CHUNK // self.vocab_size)
         for s in range(0, len(rows), step):
             r, c, sc = rows[s : s + step], cols[s : s + step], scored[s : s + step]
-            logits = self._read_head(last[r, c])
-            greedy[r, c] = logits[:, : self.argmax_ids].argmax(-1)  # ties → lowest id, as `generate`
+            if not bool(sc.all()):  # positions read only for their greedy id
+                greedy[r[~sc], c[~sc]] = self._greedy(last[r[~sc], c[~sc]])
             if not bool(sc.any()):
                 continue
-            r, c, logits = r[sc], c[sc], logits[sc]
-            f = logits.float()
+            r, c = r[sc], c[sc]
+            f = self._read_head(last[r, c]).float()
+            greedy[r, c] = f[:, : self.argmax_ids].argmax(-1)  # ties → lowest id, as `generate`
             lse = logsumexp64(f)
             lp[r, c] = f.gather(-1, want[r, c][:, None])[:, 0].double() - lse
             at = c == d[r]
@@ -1024,7 +1048,7 @@ class ThoughtModel:
         alive = idx < lim
         for s in range(int((lim - idx).max())):
             last, _ = self._feed(sub, self.embed(tok[:, None]), sub.blocked)
-            nxt = self._read_head(last[:, -1])[:, : self.argmax_ids].argmax(-1)
+            nxt = self._greedy(last[:, -1])
             ids[rows, idx.clamp_max(ids.shape[1] - 1)] = torch.where(alive, nxt, ids[rows, idx.clamp_max(ids.shape[1] - 1)])
             ends, _ = self._ends(nxt[:, None], idx[:, None], lim[:, None], stop)
             alive = alive & ~ends[:, 0]
