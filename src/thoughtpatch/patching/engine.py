@@ -10,7 +10,7 @@ variant alone from scratch; the two must agree.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal, NamedTuple
 
 import torch
@@ -133,6 +133,14 @@ class Readout:
     logprob_corrupted: float
     answer: Generation
     acts: dict[str, torch.Tensor]  # kind → [K, ...] activations at each thought (after patches)
+    _log_probs: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def log_probs(self) -> torch.Tensor:
+        """fp32 log-softmax of `decision_logits`, computed once: every row of a pair compares
+        with the same two unpatched runs."""
+        if self._log_probs is None:
+            self._log_probs = torch.log_softmax(self.decision_logits.float(), -1)
+        return self._log_probs
 
     @property
     def resid(self) -> torch.Tensor:

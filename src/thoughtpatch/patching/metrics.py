@@ -14,8 +14,16 @@ from thoughtpatch.patching.engine import Readout, Target
 
 def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     """KL(P ‖ Q) of the next-token distributions given by two logit vectors."""
-    lp, lq = F.log_softmax(p_logits.float(), -1), F.log_softmax(q_logits.float(), -1)
+    return kl_of_log_probs(F.log_softmax(p_logits.float(), -1), F.log_softmax(q_logits.float(), -1))
+
+
+def kl_of_log_probs(lp: torch.Tensor, lq: torch.Tensor) -> float:
     return float((lp.exp() * (lp - lq)).sum().clamp_min(0.0))
+
+
+def kl_runs(p: Readout, q: Readout) -> float:
+    """`kl` at the decision position of two read-outs (each one's log-softmax computed once)."""
+    return kl_of_log_probs(p.log_probs(), q.log_probs())
 
 
 def answer_logit_diff(logits: torch.Tensor, target: Target) -> tuple[float, float, float]:
@@ -54,8 +62,8 @@ def readout_metrics(ro: Readout, receiving: Readout, source: Readout, target: Ta
     ald, cs, rs = answer_logit_diff(ro.decision_logits, target)
     m = logprob_diff(ro)
     return {
-        "kl": kl(ro.decision_logits, receiving.decision_logits),
-        "kl_to_clean": kl(source.decision_logits, ro.decision_logits),
+        "kl": kl_runs(ro, receiving),
+        "kl_to_clean": kl_runs(source, ro),
         "answer_logit_diff": ald,
         "clean_score": cs,
         "corrupted_score": rs,
@@ -73,8 +81,8 @@ def trace_metrics(ro: Readout, noised: Readout, clean: Readout) -> dict[str, flo
     clean run's again."""
     lp = ro.logprob_clean
     return {
-        "kl": kl(ro.decision_logits, noised.decision_logits),
-        "kl_to_clean": kl(clean.decision_logits, ro.decision_logits),
+        "kl": kl_runs(ro, noised),
+        "kl_to_clean": kl_runs(clean, ro),
         "logprob_clean": lp,
         "restored": recovered(lp, noised.logprob_clean, clean.logprob_clean),
         "answer": ro.answer.number,
@@ -87,7 +95,7 @@ def knockout_metrics(ro: Readout, unpatched: Readout) -> dict[str, float | bool]
     """An attention knockout against the run it was applied to (no source run)."""
     m = logprob_diff(ro)
     return {
-        "kl": kl(ro.decision_logits, unpatched.decision_logits),
+        "kl": kl_runs(ro, unpatched),
         "logprob_diff": m,
         "delta_logprob_diff": m - logprob_diff(unpatched),
         "answer": ro.answer.number,
