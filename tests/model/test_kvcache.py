@@ -74,26 +74,6 @@ def test_grouped_attention_with_mask_is_exact(model, monkeypatch):
 
     fast = _scenario(model)
     assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
-    monkeypatch.setattr(runtime, "_gqa_despite_mask", lambda device, queries=2: contextlib.nullcontext())
+    monkeypatch.setattr(runtime, "_gqa_despite_mask", lambda device: contextlib.nullcontext())
     for f, s in zip(fast, _scenario(model), strict=True):
         assert torch.equal(f, s)
-
-
-def test_one_query_with_a_mask_packs_its_heads(model, monkeypatch):
-    """One token on top of a cache with a mask (the read-out's decode over a left-padded batch,
-    with a knockout) through transformers' packing of query heads reads what the grouped kernel
-    reads, to float rounding: ids equal, log-probs within 1e-6."""
-    prompts = [model.prompt_ids(Q), model.prompt_ids("tom has 3 apples . how many ?")]
-    blocked = [runtime.Block(0, len(prompts[0]) + 1, (1,))]
-
-    def decode():
-        st = model.think(model.encode(prompts))
-        st.blocked = blocked
-        gens, logits = model.generate(st, max_new_tokens=5, keep_logits=True)
-        return [g.token_ids for g in gens], logits.double().log_softmax(-1)
-
-    packed = decode()
-    monkeypatch.setattr(runtime, "_PACKS_ONE_QUERY", False)
-    grouped = decode()
-    assert packed[0] == grouped[0]
-    assert (packed[1] - grouped[1]).abs().max() <= 1e-6

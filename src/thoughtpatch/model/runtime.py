@@ -253,28 +253,15 @@ def extract_number(text: str) -> float:
     return float(s) if s else float("inf")
 
 
-def _packs_one_query() -> bool:
-    try:
-        from transformers.integrations import sdpa_attention
-    except ImportError:
-        return False
-    return hasattr(sdpa_attention, "pack_gqa")
-
-
-_PACKS_ONE_QUERY = _packs_one_query()
-
-
 @contextlib.contextmanager
-def _gqa_despite_mask(device: torch.device, queries: int = 2):
+def _gqa_despite_mask(device: torch.device):
     """Several tokens on top of a cache need a mask, and with a mask transformers repeats
     every K/V head per query head (a copy of the whole cache per layer) because CUDA kernels
     would fall back to slow math. torch's CPU kernel takes grouped K/V with a mask directly,
     bit for bit the same; recent transformers (5.24) reads this switch at each call, older
-    versions (4.x) ignore it and repeat the heads as before. One query token is left to
-    transformers where it folds a K/V head's query heads into query positions (`pack_gqa`):
-    each cached head is then read once, not once per query head (~25 % faster on CPU)."""
+    versions (4.x) ignore it and repeat the heads as before."""
     key = "TRANSFORMERS_SDPA_FORCE_GQA"
-    if device.type != "cpu" or key in os.environ or (queries == 1 and _PACKS_ONE_QUERY):
+    if device.type != "cpu" or key in os.environ:
         yield
         return
     os.environ[key] = "1"
@@ -618,7 +605,7 @@ class ThoughtModel:
             if positions is None:
                 positions = old[:b].sum(-1, keepdim=True) + torch.arange(q, device=dev)
             kw["position_ids"] = positions
-        with _gqa_despite_mask(self.device, q), self._blocking(blocked, past):
+        with _gqa_despite_mask(self.device), self._blocking(blocked, past):
             last, hidden_states, state.cache = self._body_forward(state.cache, **kw)
         if state.valid is not None:
             state.valid = torch.cat([state.valid, state.valid.new_ones(rows, q)], 1)
