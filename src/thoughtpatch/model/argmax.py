@@ -39,7 +39,11 @@ class ArgmaxScreen:
     """Exact greedy ids of `weight` [V, H] (fp32, no bias) over its first `ids` rows. Holds a
     bf16 copy of those rows; `current` says whether it still matches the weight."""
 
-    def __init__(self, weight: torch.Tensor, ids: int, k: int = 16, max_wide: int = 1024):
+    def __init__(self, weight: torch.Tensor, ids: int, k: int | None = None, max_wide: int = 1024):
+        # top k: wide enough that a row rarely has more candidates (random logits, the flattest
+        # case, have ~20 in 32k ids and ~25 in 128k), narrow enough to stay cheap to select
+        k = min(128, max(32, ids // 1024)) if k is None else k
+        weight = weight.detach()  # same storage and version counter: `current` still sees edits
         self.weight, self.ids, self.k, self.max_wide = weight, ids, min(k, ids), max_wide
         self.key = (weight.data_ptr(), weight._version, ids)
         w = weight[:ids]
