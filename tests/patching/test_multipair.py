@@ -126,6 +126,32 @@ def _cases(model, prompts: list[list[int]], n: int):
     return out
 
 
+
+def test_read_decodes_on_the_tree_it_needs(model, runs, monkeypatch):
+    """Rows that all leave their continuations at the same answer index decode on a cache
+    holding only the tree positions they read (no mask over the rest): the ids `generate`
+    gives, in a left-padded batch, when every row decodes and when some need no decoding."""
+    prompts = [r.clean_ids for r in runs] + [list(runs[2].corrupted_prompt.ids)]
+    n = 6
+    leave, verified = [], []
+    for p in prompts:
+        (g,), _ = model.generate(model.think(model.encode(p)), max_new_tokens=n)
+        ids = g.token_ids
+        other = next(t for t in range(model.base_vocab) if t not in ids)
+        leave.append((p, [other, *ids[1:]], [other, *ids[1:]], 0))  # leaves at once: decodes from <readout> alone
+        verified.append((p, ids, [*ids[:1], other], 1))  # its whole answer verified: nothing to decode
+    seen = []
+    decode = model._decode_rest
+    monkeypatch.setattr(model, "_decode_rest", lambda st, todo, *a: seen.append((st.cache.get_seq_length(), len(todo))) or decode(st, todo, *a))
+    for cases in (leave, leave + verified):
+        st = model.think(model.encode([c[0] for c in cases]), record_logits=False)
+        sc = model.read(st, [c[1] for c in cases], [c[2] for c in cases], [c[3] for c in cases], n, check_every=2)
+        assert seen[-1] == (st.prompt_len + model.num_thoughts + 1, len(leave))  # <readout> kept, the rest of the tree gone
+        for row, (p, *_rest) in enumerate(cases):
+            (want,), _ = model.generate(model.think(model.encode(p)), max_new_tokens=n)
+            assert sc.generations[row].token_ids == want.token_ids, row
+
+
 def test_read_decodes_what_generate_decodes(model, runs, monkeypatch):
     """`read` on a padded batch of many prompts gives every row the ids `generate` gives the
     prompt alone (same stop ids, same limit), and the log-probs of teacher forcing; with its

@@ -905,7 +905,16 @@ class ThoughtModel:
                 # continuation tokens it verified, and is fed its first unverified greedy id
                 keep = torch.zeros(b, q + 1, dtype=torch.bool, device=dev)
                 keep.scatter_(1, torch.where(known, src, q), True)
-                self._decode_rest(state, todo, torch.cat([before, keep[:, :q]], 1), ids, e, limit, stop, check_every)
+                keep = keep[:, :q]
+                lead = int(e[todo].max()) + 1
+                if bool((keep[todo] == (j[None] < lead)).all()):
+                    # every row to decode reads the same first tree positions and no others (a
+                    # row that leaves at once reads <readout> alone): the rest of the tree goes,
+                    # and with it the mask decoding over it would need
+                    self.rewind(state, extra=lead)
+                    self._decode_rest(state, todo, state.valid, ids, e, limit, stop, check_every)
+                else:
+                    self._decode_rest(state, todo, torch.cat([before, keep], 1), ids, e, limit, stop, check_every)
         finally:
             self.rewind(state)
             state.valid = valid
@@ -1024,11 +1033,11 @@ class ThoughtModel:
             lp_first[r[at]] = f[at].gather(-1, first_x[r[at]][:, None])[:, 0].double() - lse[at]
 
     def _decode_rest(
-        self, state: LatentState, todo: torch.Tensor, valid: torch.Tensor, ids: torch.Tensor, e: torch.Tensor,
+        self, state: LatentState, todo: torch.Tensor, valid: torch.Tensor | None, ids: torch.Tensor, e: torch.Tensor,
         limit: torch.Tensor, stop: torch.Tensor, check_every: int,
     ) -> None:
         """Greedy decoding of rows `todo` on from their first unverified id (ids[r, e[r]]),
-        reading the cache positions `valid` [B, S]; fills `ids` [B, n] in place."""
+        reading the cache positions `valid` [B, S] (None: all of them); fills `ids` [B, n] in place."""
         if len(todo) == state.batch_size:  # every row: decode on the state itself (the caller rewinds it)
             sub = state
             sub.valid = valid
@@ -1038,7 +1047,7 @@ class ThoughtModel:
                 sub = state.take(todo.tolist(), acts=False)
             finally:
                 state.blocked = blocked
-            sub.valid = valid[todo]
+            sub.valid = None if valid is None else valid[todo]
             sub.blocked = _blocks_for(blocked, todo)
         rows = todo  # batch row of `sub` → row of `ids`
         stop = stop[rows][:, None, :]
