@@ -973,8 +973,9 @@ class ThoughtModel:
 
     # On a CPU with bf16 matrix units the read-out's greedy ids come from a bf16 screen of the
     # head that keeps only the ids that can win and recomputes those in fp32: the fp32 head's
-    # argmax, exactly, at about half its cost for a 32k vocabulary (model/argmax.py,
-    # bench/readout_head.py). Off for small vocabularies, where the head is cheap.
+    # argmax, exactly, at a third to two fifths of its cost (bench/readout_head.py: 2.5-3.0x
+    # for 32k ids, 3.4x for 128k). Off for small vocabularies, where the head is cheap. The
+    # bf16 copy of the head it keeps costs half the head's fp32 memory.
     SCREEN = fast_bf16()
     SCREEN_MIN_VOCAB = 4096
 
