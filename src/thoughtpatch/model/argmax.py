@@ -4,9 +4,10 @@ Greedy decoding needs only the argmax of each row's logits, and on the CPU the f
 over the whole vocabulary is about a quarter of a read-out decode step. A bf16 product runs
 ~4× faster on AMX and gives every logit to within a bound; only ids whose upper bound
 reaches the best lower bound can be the argmax, and those few are recomputed in fp32. The
-answer is the fp32 head's argmax (ties → lowest id, as `torch.argmax`), not an estimate:
-a row whose bound leaves more than `k` candidates, or that holds a non-finite value, takes
-the plain fp32 head.
+answer is the fp32 head's argmax (ties → lowest id, as `torch.argmax`), not an estimate.
+Candidates are looked for among each row's top `k` bf16 logits; a row with more is screened
+over the whole vocabulary, and a row with more than `max_wide`, or with a non-finite value,
+takes the plain fp32 head.
 
 The bound, per row h and vocabulary row w, with u = 2⁻⁸ (bf16's unit roundoff: torch rounds
 to nearest), γ = H·2⁻²⁴ (fp32 accumulation of H terms, in any order) and S = Σ|wᵢhᵢ| ≤

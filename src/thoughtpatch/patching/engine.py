@@ -133,7 +133,7 @@ class Readout:
     logprob_corrupted: float
     answer: Generation
     acts: dict[str, torch.Tensor]  # kind → [K, ...] activations at each thought (after patches)
-    _log_probs: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    _log_probs: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)  # not carried by `replace`
 
     def log_probs(self) -> torch.Tensor:
         """fp32 log-softmax of `decision_logits`, computed once: every row of a pair compares
