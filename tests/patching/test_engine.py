@@ -13,6 +13,7 @@ from thoughtpatch.data.schema import Pair, Problem
 from thoughtpatch.model import INPUT, load_model
 from thoughtpatch.patching.engine import BatchedEngine, Patch, ReferenceEngine, Variant, _distinct
 from thoughtpatch.patching.experiments import Spec, all_layers, iterative_patching, layer_patching, pair_runs, patch_pair, position_patching, site_at
+from thoughtpatch.model.kvcache import grows
 from thoughtpatch.model.runtime import Site
 
 PAIR = Pair(
@@ -47,7 +48,9 @@ def test_batched_equals_reference(model, runs, direction):
 def test_prefix_reuse_skips_the_blocks_below_the_first_patch(model, runs):
     """A variant joining at thought k with its first patch at block l takes its prefix row's
     blocks below l at k (and their keys and values) instead of computing them: block 0 sees
-    fewer rows, and every metric is what the engine gives without reuse."""
+    fewer rows, and every metric is what the engine gives without reuse. A transformers
+    without per-layer cache objects (4.52) cannot join rows part-way: there the engine
+    computes every block, and says so by computing as many rows as without reuse."""
     layers, thoughts = all_layers(model), list(range(model.num_thoughts))
     seen = []
     hook = model.blocks[0].register_forward_hook(lambda mod, args, out: seen.append((out[0] if isinstance(out, tuple) else out).shape[0]))
@@ -60,7 +63,10 @@ def test_prefix_reuse_skips_the_blocks_below_the_first_patch(model, runs):
     finally:
         hook.remove()
     _close(rows[True], rows[False])
-    assert rows[True, "block0"] < rows[False, "block0"], (rows[True, "block0"], rows[False, "block0"])
+    if grows(model.encode(runs.clean_ids).cache):
+        assert rows[True, "block0"] < rows[False, "block0"], (rows[True, "block0"], rows[False, "block0"])
+    else:
+        assert rows[True, "block0"] == rows[False, "block0"]
 
 
 def test_small_batches_equal_one_batch(model, runs):
