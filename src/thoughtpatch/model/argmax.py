@@ -60,9 +60,10 @@ class ArgmaxScreen:
         a = h.to(torch.bfloat16) @ self.w16.T  # [B, V]
         e = (self.scale * h.double().norm(dim=-1) * (1 + 1e-6)).float()[:, None]
         top, idx = a.topk(self.k, -1)  # descending
-        cand = self._candidates(top.float(), e)
+        top = top.float()
+        cand = self._candidates(top, e)
         # the k-th value still a candidate: ids outside the top k may be too
-        wide = ~torch.isfinite(e[:, 0]) | ~torch.isfinite(top.float()).all(-1) | cand[:, -1]
+        wide = ~torch.isfinite(e[:, 0]) | ~torch.isfinite(top).all(-1) | cand[:, -1]
         ids = self._best(h, idx, cand & ~wide[:, None])
         rest = wide.nonzero()[:, 0]
         if len(rest):  # the whole vocabulary as candidates, or the plain head

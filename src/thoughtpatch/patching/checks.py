@@ -91,7 +91,7 @@ def all_sites_check(model: ThoughtModel, runs: PairRuns, direction: Direction) -
     thoughts = max(float((ro.resid - source.resid).abs().max()), float((ro.inputs - source.inputs).abs().max()))
     (full,) = ref.run(src_prompt, [v], runs.target)
     whole = float((full.decision_logits - source.decision_logits).abs().max())
-    kl_left = M.kl(source.decision_logits, ro.decision_logits)
+    kl_left = M.kl_runs(source, ro)
     flip = ro.answer.same(source.answer)
     pid = runs.pair.pair_id
     return [
@@ -233,7 +233,7 @@ def trace_checks(model: ThoughtModel, runs: PairRuns) -> list[dict]:
     v = Variant(tuple(Patch(s, model.site_value(runs.clean.acts, s)) for s in sites))
     (ro,) = ReferenceEngine(model).run(runs.corrupted_prompt, [v], runs.target)
     d = max(float((ro.resid - runs.clean.resid).abs().max()), float((ro.inputs - runs.clean.inputs).abs().max()))
-    moved = M.kl(runs.corrupted.decision_logits, runs.clean.decision_logits)
+    moved = M.kl_runs(runs.corrupted, runs.clean)
     pid = runs.pair.pair_id
     return [
         check("trace_restore_all_sites", d, "pass" if d == 0 else "fail",

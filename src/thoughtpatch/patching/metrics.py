@@ -12,17 +12,13 @@ import torch.nn.functional as F
 from thoughtpatch.patching.engine import Readout, Target
 
 
-def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
-    """KL(P ‖ Q) of the next-token distributions given by two logit vectors."""
-    return kl_of_log_probs(F.log_softmax(p_logits.float(), -1), F.log_softmax(q_logits.float(), -1))
-
-
 def kl_of_log_probs(lp: torch.Tensor, lq: torch.Tensor) -> float:
+    """KL(P ‖ Q) of two next-token distributions given as fp32 log-probs."""
     return float((lp.exp() * (lp - lq)).sum().clamp_min(0.0))
 
 
 def kl_runs(p: Readout, q: Readout) -> float:
-    """`kl` at the decision position of two read-outs (each one's log-softmax computed once)."""
+    """KL(P ‖ Q) at the decision position of two read-outs (each one's log-softmax computed once)."""
     return kl_of_log_probs(p.log_probs(), q.log_probs())
 
 
