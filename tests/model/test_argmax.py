@@ -85,3 +85,19 @@ def test_the_kernel_keeps_within_the_bound():
     code = "from tests.model.test_argmax import check_worst_case_rounding as c; c()"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_first_argmax_is_torch_argmax():
+    """The read-out's argmax (the index half of `max`) keeps argmax's rules: the first of tied
+    maxima, a NaN wins, and slices of the vocabulary work as whole rows do."""
+    from thoughtpatch.model.runtime import first_argmax
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(48, 5003, generator=g)
+    x[:8, [10, 700, 4999]] = 9.0  # ties, the first one must win
+    x[8:16, [5002, 3]] = 9.0  # a tie with the last column: the slice below drops it
+    x[20, 1234] = float("nan")
+    x[21, [0, 5002]] = float("inf")
+    for t in (x, x[:, :5002], x[:, :4000]):
+        assert torch.equal(first_argmax(t), t.argmax(-1))
+    assert first_argmax(x)[:8].tolist() == [10] * 8 and first_argmax(x[:, :5002])[8:16].tolist() == [3] * 8

@@ -77,3 +77,19 @@ def test_grouped_attention_with_mask_is_exact(model, monkeypatch):
     monkeypatch.setattr(runtime, "_gqa_despite_mask", lambda device: contextlib.nullcontext())
     for f, s in zip(fast, _scenario(model), strict=True):
         assert torch.equal(f, s)
+
+
+@pytest.mark.skipif(DynamicLayer is None, reason="this transformers has no per-layer cache objects")
+def test_a_taken_batch_owns_its_room(model):
+    """`take` gathers whole buffer rows: the taken cache writes its next positions in place
+    (no copy of the cache), into a buffer of its own (never the source's)."""
+    st = model.think(model.encode(model.prompt_ids(Q)), until=1).join(0, 3)
+    src_bufs = [lay._kbuf.data_ptr() for lay in st.cache.layers]
+    sub = st.take([3, 0])
+    bufs = [lay._kbuf.data_ptr() for lay in sub.cache.layers]
+    assert not set(bufs) & set(src_bufs)
+    assert all(lay.keys.data_ptr() == b for lay, b in zip(sub.cache.layers, bufs))
+    sub = model.think(sub, until=2)
+    assert [lay._kbuf.data_ptr() for lay in sub.cache.layers] == bufs  # grown in place
+    alone = model.think(model.think(model.encode(model.prompt_ids(Q)), until=1), until=2)
+    assert torch.allclose(sub.latent_hidden(), alone.latent_hidden().expand_as(sub.latent_hidden()), atol=1e-6)

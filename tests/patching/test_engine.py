@@ -174,3 +174,30 @@ def test_readout_decode_equals_plain_generate(model, runs):
     st = model.think(model.encode(runs.corrupted_ids), record_logits=False)
     gens, _ = model.generate(st, max_new_tokens=8)
     assert runs.corrupted.answer.token_ids == gens[0].token_ids
+
+
+def test_readouts_carry_their_own_distributions():
+    """A batch's read-outs get each row's log-softmax and probabilities computed for the batch
+    at once: each row's own (not a neighbour's), and a read-out rebuilt with other logits
+    computes its own again; KL from them is the definition's."""
+    import dataclasses
+
+    from thoughtpatch.model.synthetic import SHAPES, question, random_codi
+    from thoughtpatch.patching import metrics as M
+    from thoughtpatch.patching.engine import Target
+
+    model = random_codi(SHAPES["tiny"])  # its answers move with a patch (the tiny CODI's barely do)
+    v = 10 * torch.randn(model.hidden_size, generator=torch.Generator().manual_seed(0))
+    site = site_at("resid", 0, 0)
+    ros = BatchedEngine(model).run(model.prompt_ids(question(20, 3, seed=1)), [Variant(), Variant((Patch(site, v),)), Variant((Patch(site, -v),))], Target.for_answers(model, 3, 7))
+    lps = [torch.log_softmax(ro.decision_logits.float(), -1) for ro in ros]
+    for i, ro in enumerate(ros):
+        assert torch.allclose(ro.log_probs(), lps[i], atol=1e-6) and torch.allclose(ro.probs(), lps[i].exp(), atol=1e-7)
+        assert all((ro.log_probs() - lps[j]).abs().max() > 1e-4 for j in range(3) if j != i)  # rows differ: a swap would show
+        other = dataclasses.replace(ro, decision_logits=ro.decision_logits.flip(-1))
+        assert torch.allclose(other.log_probs(), lps[i].flip(-1), atol=1e-6) and torch.allclose(other.probs(), lps[i].flip(-1).exp(), atol=1e-7)
+    for p, q in [(ros[1], ros[0]), (ros[0], ros[2]), (ros[2], ros[1])]:
+        lp, lq = torch.log_softmax(p.decision_logits.double(), -1), torch.log_softmax(q.decision_logits.double(), -1)
+        want = float((lp.exp() * (lp - lq)).sum())
+        assert want > 1e-5 and M.kl_runs(p, q) == pytest.approx(want, rel=1e-2)
+    assert M.kl_runs(ros[1], ros[1]) == 0.0

@@ -33,6 +33,10 @@ def take_rows(cache: Any, rows: torch.Tensor) -> Any:
         out.layers = [copy.copy(lay) for lay in out.layers]
     else:
         out.key_cache, out.value_cache = list(out.key_cache), list(out.value_cache)
+    if DynamicLayer is not None and hasattr(out, "layers") and all(isinstance(lay, GrowingLayer) for lay in out.layers):
+        for lay in out.layers:
+            lay.take(rows)
+        return out
     _set_layers(out, [(k[rows], v[rows]) for k, v in cache_layers(cache)])
     return out
 
@@ -97,14 +101,30 @@ if DynamicLayer is not None:
             self.keys, self.values = self._kbuf[:b, :, : n + t], self._vbuf[:b, :, : n + t]
             return self.keys[:a], self.values[:a]
 
+        def take(self, rows: torch.Tensor) -> None:
+            """Keep only `rows` (in place: call on a copy). Whole buffer rows are gathered, so
+            the result keeps the room the next steps write into."""
+            if not self.is_initialized or not self.keys.numel():
+                return
+            b, n = self.keys.shape[0], self.keys.shape[2]
+            if self._fits(b, n):
+                self._kbuf = torch.index_select(self._kbuf[:b], 0, rows)  # type: ignore[index]
+                self._vbuf = torch.index_select(self._vbuf[:b], 0, rows)  # type: ignore[index]
+                self.keys, self.values = self._kbuf[:, :, :n], self._vbuf[:, :, :n]
+            else:
+                self.keys, self.values = self.keys[rows], self.values[rows]
+                self._kbuf = self._vbuf = None
+
         def append_rows(self, src: torch.Tensor, room: int) -> None:
             b, n, count = self.keys.shape[0], self.keys.shape[2], src.shape[0]
             if not self._fits(b + count, n):
                 self._kbuf = _room(self.keys, b + count + room, n + SPARE)
                 self._vbuf = _room(self.values, b + count + room, n + SPARE)
-            # rows b… are past every view handed out, so nothing aliases what is written
-            self._kbuf[b : b + count, :, :n] = self._kbuf[src, :, :n]
-            self._vbuf[b : b + count, :, :n] = self._vbuf[src, :, :n]
+            # rows b… are past every view handed out, so nothing aliases what is written. Whole
+            # buffer rows are copied (their spare positions too, unread until overwritten):
+            # one contiguous block, a quarter of the time of gathering the [:n] views
+            torch.index_select(self._kbuf[:b], 0, src, out=self._kbuf[b : b + count])
+            torch.index_select(self._vbuf[:b], 0, src, out=self._vbuf[b : b + count])
             self.keys, self.values = self._kbuf[: b + count, :, :n], self._vbuf[: b + count, :, :n]
 
 def with_copies(t: torch.Tensor, src: torch.Tensor) -> torch.Tensor:

@@ -278,6 +278,12 @@ def logsumexp64(logits: torch.Tensor, block: int = 16) -> torch.Tensor:
     return torch.cat([g.double().logsumexp(-1) for g in logits.split(block)])
 
 
+def first_argmax(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(-1)` (the first maximum of each row): the index half of `max`, which torch's
+    CPU kernel finds about three times faster over a vocabulary."""
+    return x.max(-1).indices
+
+
 def sliced_linear(lm: nn.Linear, h: torch.Tensor, width: int) -> torch.Tensor:
     """`lm(h)` computed `width` output columns at a time (see `ThoughtModel.HEAD_SLICE`)."""
     w, b = lm.weight, lm.bias
@@ -988,7 +994,7 @@ class ThoughtModel:
             and lm.bias is None and self.argmax_ids >= self.SCREEN_MIN_VOCAB
         )
         if not screen:
-            return self._read_head(h)[:, : self.argmax_ids].argmax(-1)
+            return first_argmax(self._read_head(h)[:, : self.argmax_ids])
         if self._screen is None or not self._screen.current(lm.weight, self.argmax_ids):
             self._screen = ArgmaxScreen(lm.weight, self.argmax_ids)
         return self._screen(h)
@@ -1026,7 +1032,7 @@ class ThoughtModel:
                 continue
             r, c = r[sc], c[sc]
             f = self._read_head(last[r, c]).float()
-            greedy[r, c] = f[:, : self.argmax_ids].argmax(-1)  # ties → lowest id, as `generate`
+            greedy[r, c] = first_argmax(f[:, : self.argmax_ids])  # ties → lowest id, as `generate`
             lse = logsumexp64(f)
             lp[r, c] = f.gather(-1, want[r, c][:, None])[:, 0].double() - lse
             at = c == d[r]

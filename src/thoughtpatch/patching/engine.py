@@ -133,14 +133,22 @@ class Readout:
     logprob_corrupted: float
     answer: Generation
     acts: dict[str, torch.Tensor]  # kind → [K, ...] activations at each thought (after patches)
-    _log_probs: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)  # not carried by `replace`
+    # derived from decision_logits, computed once (`_readouts` fills them for a whole batch at
+    # once); not init fields, so `replace` never carries them over to other logits
+    _log_probs: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _probs: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def log_probs(self) -> torch.Tensor:
-        """fp32 log-softmax of `decision_logits`, computed once: every row of a pair compares
-        with the same two unpatched runs."""
+        """fp32 log-softmax of `decision_logits`."""
         if self._log_probs is None:
             self._log_probs = torch.log_softmax(self.decision_logits.float(), -1)
         return self._log_probs
+
+    def probs(self) -> torch.Tensor:
+        """exp of `log_probs()`: the next-token distribution at the decision position."""
+        if self._probs is None:
+            self._probs = self.log_probs().exp()
+        return self._probs
 
     @property
     def resid(self) -> torch.Tensor:
@@ -155,10 +163,16 @@ def _readouts(st: LatentState, decision: torch.Tensor, lps: list[list[float]], g
     """The batch split into per-row readouts (lps: per row, clean and corrupted)."""
     kinds = [k for k in st.acts if k not in ("hidden", "logits")] if st.step else []
     acts = {k: st.stacked(k) for k in kinds}
-    return [
+    out = [
         Readout(decision_logits=decision[b], logprob_clean=lps[b][0], logprob_corrupted=lps[b][1], answer=gens[b], acts={k: a[b].float() for k, a in acts.items()})
         for b in range(st.batch_size)
     ]
+    # every row's KLs need these: one batched op each instead of hundreds of small ones
+    log_probs = torch.log_softmax(decision.float(), -1)
+    probs = log_probs.exp()
+    for b, ro in enumerate(out):
+        ro._log_probs, ro._probs = log_probs[b], probs[b]
+    return out
 
 
 def read_out(model: ThoughtModel, st: LatentState, target: Target | list[Target]) -> list[Readout]:

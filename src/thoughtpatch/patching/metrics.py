@@ -12,14 +12,15 @@ import torch.nn.functional as F
 from thoughtpatch.patching.engine import Readout, Target
 
 
-def kl_of_log_probs(lp: torch.Tensor, lq: torch.Tensor) -> float:
-    """KL(P ‖ Q) of two next-token distributions given as fp32 log-probs."""
-    return float((lp.exp() * (lp - lq)).sum().clamp_min(0.0))
+def kl_of_log_probs(lp: torch.Tensor, lq: torch.Tensor, p: torch.Tensor | None = None) -> float:
+    """KL(P ‖ Q) of two next-token distributions given as fp32 log-probs (p: exp(lp), if known)."""
+    p = lp.exp() if p is None else p
+    return float((p * (lp - lq)).sum().clamp_min(0.0))
 
 
 def kl_runs(p: Readout, q: Readout) -> float:
     """KL(P ‖ Q) at the decision position of two read-outs (each one's log-softmax computed once)."""
-    return kl_of_log_probs(p.log_probs(), q.log_probs())
+    return kl_of_log_probs(p.log_probs(), q.log_probs(), p.probs())
 
 
 def answer_logit_diff(logits: torch.Tensor, target: Target) -> tuple[float, float, float]:
