@@ -187,3 +187,52 @@ def test_read_decodes_what_generate_decodes(model, runs, monkeypatch):
         decoded += len(want.token_ids) > 2 and stop is None and clean[:3] != want.token_ids[:3]
         verified += stop is None and want.token_ids[:len(clean)] == clean
     assert decoded and verified  # both kinds of rows were there
+
+
+def test_read_follows_drafts_to_what_generate_decodes(model, runs, monkeypatch):
+    """Drafts only change the work: rows that follow a draft to its end, leave it part-way,
+    fit only a second draft, fit none, have one too short, stop inside it (Coconut: an
+    unkept stop), hit max_new_tokens inside it, or reach it after verifying part of their
+    continuation, all get the ids `generate` gives; the scores do not move."""
+    n = 8
+    prompts = [r.clean_ids for r in runs] + [list(runs[2].corrupted_prompt.ids)]
+    rows = []  # (prompt, clean, corrupted, decision, max_new_tokens, stop_ids, drafts, finished by the draft)
+    for p in prompts:
+        (g,), _ = model.generate(model.think(model.encode(p)), max_new_tokens=n)
+        ids = g.token_ids
+        o = next(t for t in range(model.base_vocab) if t not in ids)
+        leave = ([o, *ids[1:]], [o, *ids[1:]], 0)  # the tree verifies nothing: all decoding
+        cases = [  # (..., whether the draft finishes the row)
+            (p, *leave, n, None, [ids], True),  # the whole draft
+            (p, *leave, n, None, [[*ids[:3], o, *ids[4:]]], False),  # leaves it after three ids
+            (p, *leave, n, None, [[o] * n, ids], True),  # only the second draft fits
+            (p, *leave, n, None, [[o] * n], False),  # no draft fits
+            (p, *leave, n, None, [ids[:4]], False),  # a draft shorter than the answer
+            (p, *leave, 3, None, [ids], True),  # max_new_tokens inside the draft
+            (p, *leave, n, None, [], False),  # none given
+            (p, [*ids[:2], o], [*ids[:1], o, o], 1, n, None, [ids], True),  # the tree verifies two ids, the draft the rest
+        ]
+        k = next((k for k in range(2, n - 1) if ids[k] not in ids[:k]), None)
+        if k is not None:  # a stop id first met inside the draft (Coconut: ends there, unkept)
+            cases.append((p, *leave, n, (ids[k],), [ids], True))
+        rows += cases
+    st = model.think(model.encode([r[0] for r in rows]), record_logits=False)
+    args = [[r[i] for r in rows] for i in range(1, 6)]
+    follow, finished = model._follow, set()
+
+    def spy(sub, todo, *a):
+        _tok, _idx, alive = out = follow(sub, todo, *a)
+        finished.update(todo[~alive].tolist())
+        return out
+
+    monkeypatch.setattr(model, "_follow", spy)
+    sc = model.read(st, *args, check_every=2, drafts=[r[6] for r in rows])
+    assert st.cache.get_seq_length() == st.prompt_len + model.num_thoughts  # left as it was
+    # the rows whose whole answer a draft holds need no token-by-token step
+    assert finished == {i for i, r in enumerate(rows) if r[7]}
+    for i, (p, *_, lim, stop, _d, _f) in enumerate(rows):
+        (want,), _ = model.generate(model.think(model.encode(p)), max_new_tokens=lim, stop_ids=stop)
+        assert sc.generations[i].token_ids == want.token_ids, i
+    plain = model.read(st, *args, check_every=2)
+    assert torch.equal(plain.logprob, sc.logprob) and torch.equal(plain.decision_logits, sc.decision_logits)
+    assert [g.token_ids for g in plain.generations] == [g.token_ids for g in sc.generations]

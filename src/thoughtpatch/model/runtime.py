@@ -857,6 +857,7 @@ class ThoughtModel:
     def read(
         self, state: LatentState, clean: list[list[int]], corrupted: list[list[int]], decision: list[int],
         max_new_tokens: int | list[int | None] | None = None, stop_ids=None, check_every: int = 4,
+        drafts: list[list[list[int]] | tuple[tuple[int, ...], ...] | None] | None = None,
     ) -> Scored:
         """Read out every row against its own two continuations (`clean`, `corrupted`, equal
         before `decision`): the logits at the decision position, each continuation's log-prob
@@ -870,7 +871,10 @@ class ThoughtModel:
         continuation, already computed. Only rows whose path leaves both continuations before
         they stop are decoded further, from their first disagreement, all in one batch that
         drops finished rows as it goes; the device is asked whether any row is left only
-        every `check_every` tokens. The state is left as it was."""
+        every `check_every` tokens. `drafts` (per row, optional): id sequences the greedy path is
+        likely to follow where it leaves both continuations, e.g. the answers of the runs a
+        patch mixes; a row on one of them verifies the rest of it in one forward instead of
+        decoding it token by token (`_follow`). The state is left as it was."""
         b, dev = state.batch_size, self.device
         if not (len(clean) == len(corrupted) == len(decision) == b):
             raise ValueError(f"read: {b} rows but {len(clean)} clean, {len(corrupted)} corrupted, {len(decision)} decision entries")
@@ -902,6 +906,13 @@ class ThoughtModel:
         first_x = torch.tensor([x[d_] for x, d_ in zip(corrupted, decision)], device=dev)
         valid = state.valid
         before = valid if valid is not None else torch.ones(b, state.cache.get_seq_length(), dtype=torch.bool, device=dev)
+        draft = None  # [B, n drafts, longest] ids, -1 padded
+        if drafts is not None and any(x for row in drafts for x in row or ()):
+            if len(drafts) != b:
+                raise ValueError(f"read: {b} rows but {len(drafts)} draft lists")
+            n, w = max(len(row or ()) for row in drafts), max(len(x) for row in drafts for x in row or ())
+            pad = lambda row: [[*x, *[-1] * (w - len(x))] for x in row or ()] + [[-1] * w] * (n - len(row or ()))  # noqa: E731
+            draft = torch.tensor([pad(row) for row in drafts], device=dev)
         try:
             last, _ = self._feed(state, self.embed(feed), state.blocked, attend=attend, positions=positions)
             greedy, lp, lp_first_x, dec = self._score_tree(last, want, first_x, d, real, torch.tensor([c[0] for c in clean], device=dev))
@@ -918,9 +929,9 @@ class ThoughtModel:
                     # row that leaves at once reads <readout> alone): the rest of the tree goes,
                     # and with it the mask decoding over it would need
                     self.rewind(state, extra=lead)
-                    self._decode_rest(state, todo, state.valid, ids, e, limit, stop, check_every)
+                    self._decode_rest(state, todo, state.valid, ids, e, limit, stop, check_every, draft)
                 else:
-                    self._decode_rest(state, todo, torch.cat([before, keep], 1), ids, e, limit, stop, check_every)
+                    self._decode_rest(state, todo, torch.cat([before, keep], 1), ids, e, limit, stop, check_every, draft)
         finally:
             self.rewind(state)
             state.valid = valid
@@ -1041,10 +1052,11 @@ class ThoughtModel:
 
     def _decode_rest(
         self, state: LatentState, todo: torch.Tensor, valid: torch.Tensor | None, ids: torch.Tensor, e: torch.Tensor,
-        limit: torch.Tensor, stop: torch.Tensor, check_every: int,
+        limit: torch.Tensor, stop: torch.Tensor, check_every: int, draft: torch.Tensor | None = None,
     ) -> None:
         """Greedy decoding of rows `todo` on from their first unverified id (ids[r, e[r]]),
-        reading the cache positions `valid` [B, S] (None: all of them); fills `ids` [B, n] in place."""
+        reading the cache positions `valid` [B, S] (None: all of them); fills `ids` [B, n] in
+        place. Rows whose path so far is one of their drafts' [B, n, w] (-1 padded) start with `_follow`."""
         if len(todo) == state.batch_size:  # every row: decode on the state itself (the caller rewinds it)
             sub = state
             sub.valid = valid
@@ -1062,14 +1074,17 @@ class ThoughtModel:
         tok = ids[rows, e[rows]]
         lim = limit[rows]
         alive = idx < lim
-        for s in range(int((lim - idx).max())):
-            last, _ = self._feed(sub, self.embed(tok[:, None]), sub.blocked)
-            nxt = self._greedy(last[:, -1])
-            ids[rows, idx.clamp_max(ids.shape[1] - 1)] = torch.where(alive, nxt, ids[rows, idx.clamp_max(ids.shape[1] - 1)])
-            ends, _ = self._ends(nxt[:, None], idx[:, None], lim[:, None], stop)
-            alive = alive & ~ends[:, 0]
-            tok, idx = nxt, idx + 1
-            if (s + 1) % check_every == 0:
+        if draft is not None:
+            tok, idx, alive = self._follow(sub, rows, draft[rows], ids, tok, idx, lim, alive, stop)
+        for s in range(-1, int((lim - idx).max())):
+            if s >= 0:
+                last, _ = self._feed(sub, self.embed(tok[:, None]), sub.blocked)
+                nxt = self._greedy(last[:, -1])
+                ids[rows, idx.clamp_max(ids.shape[1] - 1)] = torch.where(alive, nxt, ids[rows, idx.clamp_max(ids.shape[1] - 1)])
+                ends, _ = self._ends(nxt[:, None], idx[:, None], lim[:, None], stop)
+                alive = alive & ~ends[:, 0]
+                tok, idx = nxt, idx + 1
+            if (s + 1) % check_every == 0:  # s = -1: right after `_follow`, which may finish most rows
                 n_alive = int(alive.sum())
                 if n_alive == 0:
                     break
@@ -1079,6 +1094,54 @@ class ThoughtModel:
                     sub = sub.take(keep.tolist(), acts=False)
                     sub.blocked = _blocks_for(blocked_now, keep)
                     rows, stop, idx, tok, lim, alive = rows[keep], stop[keep], idx[keep], tok[keep], lim[keep], alive[keep]
+
+    def _follow(self, sub: LatentState, rows, draft, ids, tok, idx, lim, alive, stop):
+        """One forward that feeds every row its next token (`tok`, answer index idx-1) and,
+        where the row's path so far is one of its drafts [b, n, w], that draft's next ids: the
+        greedy id at each fed position is computed, and a row keeps the positions whose input
+        is the id its own path has there, until it stops. A row on no draft gets one ordinary
+        decode step. Writes the ids found into `ids`, marks the cache positions a row does not
+        keep as unread in `sub.valid`, and returns the next (tok, idx, alive)."""
+        b, dev = len(rows), ids.device
+        e = idx - 1  # the index `tok` has
+        w = draft.shape[2]
+        col = torch.arange(w, device=dev)
+        known = ids[rows, : min(w, ids.shape[1])]
+        # a draft fits a row when its path so far (indices 0…e) is the draft's start
+        fits = ((known[:, None] == draft[:, :, : known.shape[1]]) | (col[: known.shape[1]] > e[:, None, None])).all(-1)
+        fits &= e[:, None] < (draft >= 0).sum(-1)
+        pick = fits.long().argmax(-1)  # the first draft that fits
+        draft = draft[torch.arange(b, device=dev), pick]
+        n_draft = (draft >= 0).sum(-1)
+        on = alive & fits.any(-1)
+        # positions 0..m_r-1: position j feeds index e+j and predicts index e+j+1 (< lim)
+        m_r = torch.where(on, torch.minimum(n_draft - e, lim - e - 1), 1)
+        m = int(m_r.max()) if b else 1
+        if m <= 1 or 2 * int(on.sum()) < int(alive.sum()):  # every row is fed m positions: worth it when most follow
+            return tok, idx, alive
+        j = torch.arange(m, device=dev)
+        real = j[None] < m_r[:, None]
+        at = (e[:, None] + j[None]).clamp(0, w - 1)
+        feed = torch.where(real & (j[None] > 0), draft.gather(1, at), tok[:, None])
+        past = sub.cache.get_seq_length()
+        last, _ = self._feed(sub, self.embed(feed), sub.blocked)
+        g = self._greedy(last.reshape(b * m, -1)).view(b, m)
+        index = e[:, None] + 1 + j[None]  # the answer index each prediction is
+        ends, _ = self._ends(g, index, lim[:, None], stop)
+        # position j >= 1 counts when the prediction before it is its input and did not end the row
+        ok = real[:, 1:] & (g[:, :-1] == feed[:, 1:]) & ~ends[:, :-1]
+        cnt = 1 + ok.long().cumprod(-1).sum(-1)  # positions kept, >= 1
+        write = (j[None] < cnt[:, None]) & alive[:, None]
+        r, c = write.nonzero(as_tuple=True)
+        ids[rows[r], index[r, c].clamp_max(ids.shape[1] - 1)] = g[r, c]
+        lastpos = (cnt - 1)[:, None]
+        ended = ends.gather(1, lastpos)[:, 0]
+        kept = j[None] < cnt[:, None]
+        if not bool(kept.all()):
+            if sub.valid is None:
+                sub.valid = torch.ones(b, past + m, dtype=torch.bool, device=dev)
+            sub.valid[:, past:] = kept
+        return g.gather(1, lastpos)[:, 0], idx + cnt, alive & ~ended
 
     def generation(self, prompt_ids: list[int], token_ids: list[int], k: int | None = None) -> Generation:
         """Text and answer of generated ids, by the family's rule (Coconut reads the answer

@@ -99,6 +99,10 @@ class Target:
     decision: int
     max_new_tokens: int | None = None  # None: the model's own limit
     stop_ids: tuple[int, ...] | None = None
+    # id sequences the greedy answer is likely to follow where it leaves both continuations
+    # (the answers of the runs a patch mixes): the batched read-out verifies them in one
+    # forward instead of decoding them one by one. Only the work changes, never the answer.
+    drafts: tuple[tuple[int, ...], ...] = ()
 
     @staticmethod
     def for_answers(model: ThoughtModel, clean_answer, corrupted_answer, **kw) -> "Target":
@@ -186,7 +190,7 @@ def read_out(model: ThoughtModel, st: LatentState, target: Target | list[Target]
     targets = [target] * st.batch_size if isinstance(target, Target) else list(target)
     sc = model.read(
         st, [list(t.clean) for t in targets], [list(t.corrupted) for t in targets], [t.decision for t in targets],
-        [t.max_new_tokens for t in targets], [t.stop_ids for t in targets],
+        [t.max_new_tokens for t in targets], [t.stop_ids for t in targets], drafts=[t.drafts for t in targets],
     )
     return _readouts(st, sc.decision_logits, sc.logprob.tolist(), sc.generations)
 

@@ -16,7 +16,7 @@ vector, in the `resid` grid), or (block, head) pairs for `head`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -326,7 +326,9 @@ def patch_pairs(
             for part in parts:
                 offsets.append(len(variants))
                 variants += shifted(part.variants, len(variants))
-            jobs.append(Job(prompt, variants, r.target))
+            # a patched run mostly answers as the run it patches or the one its values come from
+            drafts = dict.fromkeys(tuple(ro.answer.token_ids) for part in parts for ro in (part.receiving, part.source))
+            jobs.append(Job(prompt, variants, replace(r.target, drafts=tuple(drafts))))
             owner.append((p, parts, offsets))
     got: dict[int, dict[str, list[list[dict]]]] = {}  # job → experiment → rows of each part
 
