@@ -218,21 +218,43 @@ def test_read_follows_drafts_to_what_generate_decodes(model, runs, monkeypatch):
         rows += cases
     st = model.think(model.encode([r[0] for r in rows]), record_logits=False)
     args = [[r[i] for r in rows] for i in range(1, 6)]
-    follow, finished = model._follow, set()
+    follow, finished = model._follow, []
 
     def spy(sub, todo, *a):
         _tok, _idx, alive = out = follow(sub, todo, *a)
-        finished.update(todo[~alive].tolist())
+        finished.append(set(todo[~alive].tolist()))
         return out
 
     monkeypatch.setattr(model, "_follow", spy)
     sc = model.read(st, *args, check_every=2, drafts=[r[6] for r in rows])
     assert st.cache.get_seq_length() == st.prompt_len + model.num_thoughts  # left as it was
-    # the rows whose whole answer a draft holds need no token-by-token step
-    assert finished == {i for i, r in enumerate(rows) if r[7]}
     for i, (p, *_, lim, stop, _d, _f) in enumerate(rows):
         (want,), _ = model.generate(model.think(model.encode(p)), max_new_tokens=lim, stop_ids=stop)
         assert sc.generations[i].token_ids == want.token_ids, i
+    # the rows whose whole answer a draft holds need no token-by-token step (later calls follow loops)
+    assert finished[0] == {i for i, r in enumerate(rows) if r[7]}
+    monkeypatch.setattr(model, "LOOP_PERIODS", 0)
+    assert [g.token_ids for g in model.read(st, *args, check_every=2, drafts=[r[6] for r in rows]).generations] == [g.token_ids for g in sc.generations]
     plain = model.read(st, *args, check_every=2)
     assert torch.equal(plain.logprob, sc.logprob) and torch.equal(plain.decision_logits, sc.decision_logits)
     assert [g.token_ids for g in plain.generations] == [g.token_ids for g in sc.generations]
+
+
+def test_loops_are_drafted_to_go_on(model):
+    """A path (ids before idx) ending in the same cycle twice gets itself and the cycle
+    repeated as its draft, up to its limit and the draft length; other rows get none."""
+    ids = torch.full((5, 12), -1)
+    ids[0, :4] = torch.tensor([7, 3, 3, 3])  # period 1
+    ids[1, :6] = torch.tensor([1, 2, 5, 2, 5, 9])  # no loop at its end
+    ids[2, :7] = torch.tensor([4, 1, 2, 6, 1, 2, 6])  # period 3
+    ids[3, :2] = torch.tensor([8, 8])  # period 1, its limit close
+    ids[4, :3] = torch.tensor([5, 5, 5])  # finished: no draft
+    idx = torch.tensor([4, 6, 7, 2, 3])
+    lim = torch.tensor([12, 12, 12, 4, 12])
+    alive = torch.tensor([True, True, True, True, False])
+    d = model._loops(ids, torch.arange(5), idx, lim, alive)[:, 0]
+    assert d[0].tolist() == [7, 3, 3, 3] + [3] * 8
+    assert (d[1] == -1).all() and (d[4] == -1).all()
+    assert d[2].tolist() == [4, 1, 2, 6, 1, 2, 6, 1, 2, 6, 1, 2]
+    assert d[3].tolist() == [8, 8, 8, 8] + [-1] * 8
+    assert model._loops(ids, torch.arange(5), idx, lim, torch.zeros(5, dtype=torch.bool)) is None

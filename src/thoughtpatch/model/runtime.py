@@ -1076,15 +1076,9 @@ class ThoughtModel:
         alive = idx < lim
         if draft is not None:
             tok, idx, alive = self._follow(sub, rows, draft[rows], ids, tok, idx, lim, alive, stop)
-        for s in range(-1, int((lim - idx).max())):
-            if s >= 0:
-                last, _ = self._feed(sub, self.embed(tok[:, None]), sub.blocked)
-                nxt = self._greedy(last[:, -1])
-                ids[rows, idx.clamp_max(ids.shape[1] - 1)] = torch.where(alive, nxt, ids[rows, idx.clamp_max(ids.shape[1] - 1)])
-                ends, _ = self._ends(nxt[:, None], idx[:, None], lim[:, None], stop)
-                alive = alive & ~ends[:, 0]
-                tok, idx = nxt, idx + 1
-            if (s + 1) % check_every == 0:  # s = -1: right after `_follow`, which may finish most rows
+        s, steps = 0, int((lim - idx).max())
+        while True:
+            if s % check_every == 0:  # before the first step too: `_follow` may have finished most rows
                 n_alive = int(alive.sum())
                 if n_alive == 0:
                     break
@@ -1094,6 +1088,42 @@ class ThoughtModel:
                     sub = sub.take(keep.tolist(), acts=False)
                     sub.blocked = _blocks_for(blocked_now, keep)
                     rows, stop, idx, tok, lim, alive = rows[keep], stop[keep], idx[keep], tok[keep], lim[keep], alive[keep]
+                loops = self._loops(ids, rows, idx, lim, alive)
+                if loops is not None:
+                    tok, idx, alive = self._follow(sub, rows, loops, ids, tok, idx, lim, alive, stop)
+                steps = s + int((lim - idx).max())
+            if s >= steps:
+                break
+            last, _ = self._feed(sub, self.embed(tok[:, None]), sub.blocked)
+            nxt = self._greedy(last[:, -1])
+            ids[rows, idx.clamp_max(ids.shape[1] - 1)] = torch.where(alive, nxt, ids[rows, idx.clamp_max(ids.shape[1] - 1)])
+            ends, _ = self._ends(nxt[:, None], idx[:, None], lim[:, None], stop)
+            alive = alive & ~ends[:, 0]
+            tok, idx, s = nxt, idx + 1, s + 1
+
+    LOOP_PERIODS = 4  # a path ending in two equal cycles of up to this many ids is drafted to go on
+    LOOP_DRAFT = 32  # ids drafted per loop
+
+    def _loops(self, ids: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, lim: torch.Tensor, alive: torch.Tensor) -> torch.Tensor | None:
+        """Drafts [b, 1, w] for rows whose path (ids 0…idx-1) ends in the same cycle twice
+        (a degenerate loop, as patched runs and random weights produce): the path, then the
+        cycle repeated; -1 for other rows. None when no row loops."""
+        b, n, dev = len(rows), ids.shape[1], ids.device
+        path = ids[rows]
+        period = torch.zeros(b, dtype=torch.long, device=dev)
+        for p in range(self.LOOP_PERIODS, 0, -1):  # the shortest period wins
+            at = (idx[:, None] - p + torch.arange(p, device=dev)[None]).clamp(0, n - 1)
+            cyc, prev = path.gather(1, at), path.gather(1, (at - p).clamp(0, n - 1))
+            period = torch.where((idx >= 2 * p) & (cyc == prev).all(-1) & (cyc >= 0).all(-1), p, period)
+        period = torch.where(alive & (idx < lim), period, 0)
+        if not bool((period > 0).any()):
+            return None
+        length = idx + torch.clamp(lim - idx, max=self.LOOP_DRAFT)
+        k = torch.arange(int(length.max()), device=dev)[None]
+        cyc = period.clamp_min(1)[:, None]
+        src = torch.where(k < idx[:, None], k, idx[:, None] - cyc + (k - idx[:, None]) % cyc)
+        draft = path.gather(1, src.clamp(0, n - 1))
+        return torch.where((period[:, None] > 0) & (k < length[:, None]), draft, -1)[:, None]
 
     def _follow(self, sub: LatentState, rows, draft, ids, tok, idx, lim, alive, stop):
         """One forward that feeds every row its next token (`tok`, answer index idx-1) and,
