@@ -1091,7 +1091,7 @@ class ThoughtModel:
                 loops = self._loops(ids, rows, idx, lim, alive)
                 if loops is not None:
                     tok, idx, alive = self._follow(sub, rows, loops, ids, tok, idx, lim, alive, stop)
-                steps = s + int((lim - idx).max())
+                steps = s + int(torch.where(alive, lim - idx, 0).max())  # the rows still decoding bound the steps
             if s >= steps:
                 break
             last, _ = self._feed(sub, self.embed(tok[:, None]), sub.blocked)
