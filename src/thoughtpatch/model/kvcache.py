@@ -33,7 +33,7 @@ def take_rows(cache: Any, rows: torch.Tensor) -> Any:
         out.layers = [copy.copy(lay) for lay in out.layers]
     else:
         out.key_cache, out.value_cache = list(out.key_cache), list(out.value_cache)
-    if DynamicLayer is not None and hasattr(out, "layers") and all(isinstance(lay, GrowingLayer) for lay in out.layers):
+    if grows(out):
         for lay in out.layers:
             lay.take(rows)
         return out

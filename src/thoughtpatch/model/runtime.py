@@ -330,6 +330,18 @@ def _blocks_for(blocks: list[Block], rows: torch.Tensor) -> list[Block]:
     return out
 
 
+def _rows_of(state: "LatentState", rows: torch.Tensor) -> "LatentState":
+    """`state.take(rows)` without recorded activations, its read-out knockouts kept for those
+    rows (`take` refuses states that hold any: they name rows); `state` is left as it was."""
+    blocked, state.blocked = state.blocked, []
+    try:
+        sub = state.take(rows.tolist(), acts=False)
+    finally:
+        state.blocked = blocked
+    sub.blocked = _blocks_for(blocked, rows)
+    return sub
+
+
 @dataclass
 class Scored:
     """A read-out of a batch (`ThoughtModel.read`)."""
@@ -1061,13 +1073,8 @@ class ThoughtModel:
             sub = state
             sub.valid = valid
         else:
-            blocked, state.blocked = state.blocked, []
-            try:
-                sub = state.take(todo.tolist(), acts=False)
-            finally:
-                state.blocked = blocked
+            sub = _rows_of(state, todo)
             sub.valid = None if valid is None else valid[todo]
-            sub.blocked = _blocks_for(blocked, todo)
         rows = todo  # batch row of `sub` → row of `ids`
         stop = stop[rows][:, None, :]
         idx = e[rows] + 1  # the answer index the next argmax is
@@ -1076,7 +1083,7 @@ class ThoughtModel:
         alive = idx < lim
         if draft is not None:
             tok, idx, alive = self._follow(sub, rows, draft[rows], ids, tok, idx, lim, alive, stop)
-        s, steps = 0, int((lim - idx).max())
+        s, steps = 0, 0  # steps: set at each check, the first before any step
         while True:
             if s % check_every == 0:  # before the first step too: `_follow` may have finished most rows
                 n_alive = int(alive.sum())
@@ -1084,9 +1091,7 @@ class ThoughtModel:
                     break
                 if n_alive <= len(rows) // 2:  # drop finished rows: later steps cost what is left
                     keep = alive.nonzero()[:, 0]
-                    sub.blocked, blocked_now = [], sub.blocked
-                    sub = sub.take(keep.tolist(), acts=False)
-                    sub.blocked = _blocks_for(blocked_now, keep)
+                    sub = _rows_of(sub, keep)
                     rows, stop, idx, tok, lim, alive = rows[keep], stop[keep], idx[keep], tok[keep], lim[keep], alive[keep]
                 loops = self._loops(ids, rows, idx, lim, alive)
                 if loops is not None:
